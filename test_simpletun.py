@@ -1,0 +1,724 @@
+"""Tests for simpletun.py, fastest first: framing, the relay loop with stand-in fds,
+the command line, and end to end with real devices in network namespaces (root only)."""
+
+import errno
+import itertools
+import os
+import random
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import simpletun
+from simpletun import HEADER, Deframer, FrameError, Tunnel, frame
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "simpletun.py")
+TIMEOUT = 5  # seconds any single wait may take before the test fails instead of hanging
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Framing
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 1, 1500, 65535])
+def test_frame_is_big_endian_length_then_packet(size):
+    packet = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+    wire = frame(packet)
+    assert wire[:2] == bytes([size >> 8, size & 0xFF])
+    assert wire[2:] == packet
+
+
+def test_frame_refuses_a_packet_the_length_cannot_state():
+    with pytest.raises(FrameError, match="65536-byte packet"):
+        frame(b"x" * 65536)
+
+
+@pytest.mark.parametrize("size", [0, 1, 1500, 65535])
+def test_deframer_returns_the_packet_of_one_whole_frame(size):
+    packet = b"\xab" * size
+    assert Deframer().feed(frame(packet)) == [packet]
+
+
+@pytest.mark.parametrize("size", [0, 1, 1500])
+def test_frame_fed_byte_by_byte_comes_out_once_whole(size):
+    deframer, out = Deframer(), []
+    wire = frame(b"\x45" * size)
+    for i in range(len(wire)):
+        out += deframer.feed(wire[i:i + 1])
+        if i < len(wire) - 1:
+            assert out == []
+    assert out == [b"\x45" * size]
+    deframer.close()  # nothing left over: a clean end
+
+
+@pytest.mark.parametrize("chunks, packets", [
+    ([frame(b"one") + frame(b"two")], [b"one", b"two"]),
+    ([frame(b"one") + frame(b"two")[:3], frame(b"two")[3:]], [b"one", b"two"]),
+    ([frame(b"") + frame(b"a")], [b"", b"a"]),
+    ([b"\x00", b"\x03abc\x00\x01z"], [b"abc", b"z"]),
+])
+def test_deframer_cuts_chunks_at_frame_boundaries(chunks, packets):
+    deframer = Deframer()
+    assert [p for c in chunks for p in deframer.feed(c)] == packets
+
+
+@pytest.mark.parametrize("stream, message", [
+    (b"\x00", "frame header (1 of 2 bytes)"),
+    (b"\x00\x54" + b"E" * 10, "frame (12 of 86 bytes)"),
+    (b"GET / HTTP/1.1\r\n", "frame (16 of 18247 bytes)"),  # "GE" read as a length
+])
+def test_stream_that_ends_mid_frame_is_told_apart_from_a_clean_end(stream, message):
+    deframer = Deframer()
+    assert deframer.feed(stream) == []
+    with pytest.raises(FrameError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        deframer.close()
+
+
+def test_deframer_buffers_no_more_than_the_unfinished_frame():
+    deframer = Deframer()
+    deframer.feed(frame(b"a" * 1000) * 50 + frame(b"b" * 3000)[:1234])
+    assert len(deframer.buffer) == 1234
+
+
+# ---------------------------------------------------------------------------------------
+# 2. The relay loop with stand-in fds
+#    device: a SOCK_SEQPACKET socketpair keeps packet boundaries, like a tun fd
+#    TCP:    a stream socketpair
+# ---------------------------------------------------------------------------------------
+
+class Rig:
+    """relay() running in a thread between a stand-in device and a stand-in TCP link."""
+
+    def __init__(self, debug=0):
+        self.device, self.kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.link, self.peer = socket.socketpair()
+        for end in (self.kernel, self.peer):
+            end.settimeout(TIMEOUT)
+        self.device.setblocking(False)
+        self.link.setblocking(False)
+        self.tunnel = Tunnel(self.device.fileno(), "tun9", debug=debug)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            simpletun.relay(self.tunnel, self.link)
+        except Exception as err:  # handed to the test, which asserts on it
+            self.error = err
+
+    def frames_from_peer(self, count):
+        """Read `count` frames from the TCP side, within TIMEOUT."""
+        deframer, packets = Deframer(), []
+        while len(packets) < count:
+            data = self.peer.recv(65536)
+            assert data, "link closed after %d of %d frames" % (len(packets), count)
+            packets += deframer.feed(data)
+        return packets
+
+    def nothing_on(self, sock, seconds=0.2):
+        """True if nothing arrives on `sock` within `seconds`."""
+        return select.select([sock], [], [], seconds)[0] == []
+
+    def finish(self):
+        """Close the TCP peer and wait for relay() to return."""
+        self.peer.close()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive(), "relay() did not return after the peer closed"
+
+    def close(self):
+        for s in (self.device, self.kernel, self.link, self.peer):
+            s.close()
+
+
+@pytest.fixture
+def rig():
+    rigs = []
+    yield lambda **kw: rigs.append(Rig(**kw)) or rigs[-1]
+    for r in rigs:
+        r.peer.close()
+        r.thread.join(TIMEOUT)
+        r.close()
+
+
+def test_packet_read_from_device_travels_as_one_frame(rig):
+    r = rig()
+    r.kernel.send(b"\x45" + b"\x00" * 83)
+    head = r.peer.recv(2, socket.MSG_WAITALL)
+    assert HEADER.unpack(head) == (84,)
+    assert r.peer.recv(84, socket.MSG_WAITALL) == b"\x45" + b"\x00" * 83
+
+
+def test_frame_split_across_reads_reaches_device_whole(rig):
+    r = rig()
+    wire = frame(b"\x60" + b"\x11" * 99)
+    r.peer.sendall(wire[:1])
+    assert r.nothing_on(r.kernel)
+    r.peer.sendall(wire[1:50])
+    assert r.nothing_on(r.kernel)
+    r.peer.sendall(wire[50:])
+    assert r.kernel.recv(65536) == b"\x60" + b"\x11" * 99
+
+
+def test_two_frames_in_one_send_reach_device_as_two_packets(rig):
+    r = rig()
+    r.peer.sendall(frame(b"first") + frame(b"second"))
+    assert [r.kernel.recv(65536), r.kernel.recv(65536)] == [b"first", b"second"]
+
+
+def test_empty_frame_is_skipped_not_written_to_device(rig):
+    r = rig()
+    r.peer.sendall(frame(b"") + frame(b"after"))
+    assert r.kernel.recv(65536) == b"after"
+    assert r.tunnel.net2tap == 2
+
+
+def test_packet_larger_than_the_original_2000_byte_buffer_crosses_whole(rig):
+    # Regression: the C original read at most 2000 bytes, and overflowed its stack on longer frames.
+    r = rig()
+    big = bytes(range(256)) * 40
+    r.peer.sendall(frame(big))
+    assert r.kernel.recv(65536) == big
+    r.kernel.send(big)
+    assert r.frames_from_peer(1) == [big]
+
+
+def test_debug_lines_use_the_original_wording(rig, caplog):
+    caplog.set_level("DEBUG", logger="simpletun")
+    r = rig(debug=1)
+    r.kernel.send(b"\x45" * 84)
+    r.frames_from_peer(1)
+    r.peer.sendall(frame(b"\x45" * 60))
+    r.kernel.recv(65536)
+    r.finish()
+    assert caplog.messages[:4] == [
+        "TAP2NET 1: Read 84 bytes from the tap interface",
+        "TAP2NET 1: Written 84 bytes to the network",
+        "NET2TAP 1: Read 60 bytes from the network",
+        "NET2TAP 1: Written 60 bytes to the tap interface",
+    ]
+
+
+def test_without_debug_no_per_packet_line_is_logged(rig, caplog):
+    caplog.set_level("DEBUG", logger="simpletun")
+    r = rig(debug=0)
+    r.kernel.send(b"\x45" * 84)
+    r.frames_from_peer(1)
+    r.finish()
+    assert not [m for m in caplog.messages if "TAP2NET" in m or "NET2TAP" in m]
+
+
+def test_refused_packet_is_logged_once_dropped_and_tunnel_carries_on(rig, caplog):
+    r = rig()
+    # A send buffer smaller than the packet makes the stand-in device refuse it (EMSGSIZE),
+    # as a real device refuses garbage (EINVAL) or writes while it is down (EIO).
+    r.device.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    r.peer.sendall(frame(b"x" * 60000) * 3 + frame(b"small"))
+    assert r.kernel.recv(65536) == b"small"
+    r.kernel.send(b"reply")
+    assert r.frames_from_peer(1) == [b"reply"]
+    assert r.tunnel.dropped == 3
+    refused = [m for m in caplog.messages if "refused a 60000-byte packet" in m]
+    assert len(refused) == 1
+    assert any("accepts packets again (3 refused" in m for m in caplog.messages)
+
+
+def test_clean_close_ends_relay_quietly(rig):
+    r = rig()
+    r.peer.sendall(frame(b"last"))
+    assert r.kernel.recv(65536) == b"last"
+    r.finish()
+    assert r.error is None
+
+
+def test_close_in_the_middle_of_a_frame_raises_frame_error(rig):
+    r = rig()
+    r.peer.sendall(frame(b"y" * 500)[:100])
+    r.finish()
+    assert isinstance(r.error, FrameError)
+    assert "100 of 502 bytes" in str(r.error)
+
+
+def test_burst_of_packets_arrives_whole_and_in_order(rig):
+    r = rig()
+    rnd = random.Random(7)
+    packets = [bytes([i % 256]) * rnd.randint(1, 1500) for i in range(3000)]
+    received = []
+
+    def write_all():
+        for p in packets:
+            r.kernel.send(p)  # blocks (up to TIMEOUT) while relay() is behind: as a device queue would
+
+    writer = threading.Thread(target=write_all, daemon=True)
+    writer.start()
+    received = r.frames_from_peer(len(packets))
+    writer.join(TIMEOUT)
+    assert received == packets
+
+
+def test_peer_that_stops_reading_does_not_grow_the_outgoing_buffer(rig):
+    r = rig()
+    sent_to_device = 0
+    packet = b"\x45" * 1400
+    r.kernel.setblocking(False)
+    deadline = time.monotonic() + TIMEOUT
+    # Keep the device busy while the TCP peer reads nothing: relay() must stop taking packets.
+    while time.monotonic() < deadline:
+        try:
+            r.kernel.send(packet)
+            sent_to_device += len(packet)
+        except BlockingIOError:
+            if r.nothing_on(r.peer, 0) and select.select([], [r.kernel], [], 0.5)[1] == []:
+                break  # the device queue stays full: relay() stopped reading it
+    taken = r.tunnel.tap2net_bytes
+    # What relay() took is what it queued plus what the socket buffers hold.
+    buffers = sum(s.getsockopt(socket.SOL_SOCKET, opt) for s, opt in (
+        (r.link, socket.SO_SNDBUF), (r.peer, socket.SO_RCVBUF)))
+    assert taken <= simpletun.OUT_LIMIT + simpletun.MAX_DEVICE_PACKET + 2 * buffers
+    assert sent_to_device > taken  # the rest waits in the device queue, not in our memory
+    # ... and the other direction still flows while this one is stuck.
+    r.peer.sendall(frame(b"still moving"))
+    r.kernel.setblocking(True)
+    r.kernel.settimeout(TIMEOUT)
+    assert r.kernel.recv(65536) == b"still moving"
+
+
+# ---------------------------------------------------------------------------------------
+# 3. The command line and user errors (no root needed)
+# ---------------------------------------------------------------------------------------
+
+def run_script(*args, timeout=TIMEOUT * 2, **kw):
+    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["-s"], "an interface name is required"),
+    (["-i", "tun0"], "choose server (-s) or client (-c HOST)"),
+    (["-i", "a" * 16, "-s"], "1 to 15 bytes long, not 16"),
+    (["-i", "tun/0", "-s"], "cannot hold '/'"),
+    (["-i", "tun0", "-s", "-c", "h"], "not allowed with argument"),
+    (["-i", "tun0", "-s", "-p", "0"], "from 1 to 65535, not '0'"),
+    (["-i", "tun0", "-s", "-p", "65536"], "from 1 to 65535"),
+    (["-i", "tun0", "-s", "-p", "http"], "from 1 to 65535, not 'http'"),
+    (["-i", "tun0", "-s", "-u", "-a"], "not allowed with argument"),
+    (["-i", "tun0", "-s", "extra"], "unrecognized arguments: extra"),
+])
+def test_usage_errors_exit_2_with_a_reason_and_the_usage(args, reason):
+    result = run_script(*args)
+    assert result.returncode == 2
+    assert reason in result.stderr
+    assert result.stderr.startswith("usage: simpletun.py")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, tap, port, debug", [
+    (["-i", "tun0", "-s"], False, 55555, 0),
+    (["-i", "tun0", "-s", "-u"], False, 55555, 0),
+    (["-i", "tap0", "-c", "h", "-a", "-p", "7000", "-d"], True, 7000, 1),
+    (["--iface", "tap0", "--client", "h", "--tap", "--port", "7000", "-dd"], True, 7000, 2),
+])
+def test_flags_keep_the_originals_meaning(args, tap, port, debug):
+    parsed = simpletun.parse_args(args)
+    assert (parsed.tap, parsed.port, parsed.debug) == (tap, port, debug)
+
+
+def test_help_names_every_flag_of_the_original():
+    result = run_script("-h")
+    assert result.returncode == 0
+    for flag in ("-i NAME", "-s", "-c HOST", "-p PORT", "-u", "-a", "-d", "-h"):
+        assert flag in result.stdout
+
+
+def test_version_prints_the_version():
+    result = run_script("--version")
+    assert result.returncode == 0 and simpletun.__version__ in result.stdout
+
+
+def test_missing_clone_device_says_modprobe_tun(tmp_path):
+    with pytest.raises(simpletun.UserError, match=r"modprobe tun"):
+        simpletun.tun_alloc("tun0", simpletun.IFF_TUN, clone_device=str(tmp_path / "tun"))
+
+
+@pytest.mark.parametrize("code, name, says", [
+    (errno.EPERM, "tun0", "run as root (or with CAP_NET_ADMIN)"),
+    (errno.EBUSY, "tun0", "tun0 is busy: another program has it open"),
+    (errno.EINVAL, "lo", "lo is an existing interface that is not tun/tap"),
+    (errno.ENOMEM, "tun0", "cannot attach to tun0: Cannot allocate memory"),
+])
+def test_tunsetiff_failures_are_explained(code, name, says):
+    err = OSError(code, os.strerror(code))
+    assert says in simpletun.explain_tunsetiff(name, simpletun.IFF_TUN, err)
+
+
+def run_main_as_nobody(*argv):
+    """Run main() in a forked child that has given up root; return (status, stderr text)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 99
+        try:
+            os.close(read_end)
+            os.setuid(65534)
+            sys.stderr = os.fdopen(write_end, "w")
+            status = simpletun.main(list(argv))
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        text = f.read()
+    _, wait_status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(wait_status), text
+
+
+def test_not_root_is_one_line_saying_so():
+    if os.geteuid() == 0:  # drop to nobody for this one run
+        status, stderr = run_main_as_nobody("-i", "tun0", "-s")
+    else:
+        result = run_script("-i", "tun0", "-s")
+        status, stderr = result.returncode, result.stderr
+    assert status == 1
+    assert "run as root (or with CAP_NET_ADMIN)" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_not_linux_is_one_line_saying_so():
+    code = "import sys; sys.platform = 'darwin'; import simpletun; sys.exit(simpletun.main(['-i', 'tun0', '-s']))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("simpletun.py: error: simpletun.py runs on Linux only "
+                                     "(it needs /dev/net/tun); this is darwin")
+
+
+def test_port_in_use_is_a_user_error():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(simpletun.UserError, match="port %d is already in use" % port):
+            simpletun.listen_on(port, "127.0.0.1")
+
+
+def test_connection_refused_is_a_user_error():
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # a port that was free a moment ago, now closed again
+    with pytest.raises(simpletun.UserError, match="refused: is the server running"):
+        simpletun.connect_to("127.0.0.1", port)
+
+
+def test_server_accepts_a_client_over_ipv4_and_ipv6_loopback():
+    with simpletun.listen_on(0) as listener:
+        port = listener.getsockname()[1]
+        for host, expected in (("127.0.0.1", "127.0.0.1"), ("::1", "::1")):
+            with simpletun.connect_to(host, port) as client, simpletun.accept_client(listener) as served:
+                assert simpletun.peer_address(served) == expected
+                assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. End to end: two network namespaces joined by veth, real tun/tap devices (root)
+# ---------------------------------------------------------------------------------------
+
+def netns_unavailable():
+    """Why the namespace tests cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and tun/tap devices)"
+    if not shutil.which("ip"):
+        return "needs ip from iproute2"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun (modprobe tun)"
+    return None
+
+
+def skip_or_fail(reason):
+    if os.environ.get("SIMPLETUN_REQUIRE_NETNS") == "1":
+        pytest.fail("end-to-end tests required (SIMPLETUN_REQUIRE_NETNS=1) but cannot run: " + reason)
+    pytest.skip(reason)
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 7777))
+while True:
+    data, peer = s.recvfrom(65535)
+    s.sendto(data, peer)
+"""
+
+UDP_PROBE = """
+import socket, sys
+dst, count, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(wait)
+answered = 0
+for i in range(count):
+    message = b"probe %d " % i + b"x" * (i * 37 % 1300)
+    s.sendto(message, (dst, 7777))
+    try:
+        while s.recvfrom(65535)[0] != message:
+            pass
+        answered += 1
+    except socket.timeout:
+        pass
+print(answered)
+"""
+
+_lab_numbers = itertools.count()
+
+
+class Lab:
+    """Two hosts -- network namespaces joined by a veth pair -- and everything started in them.
+
+    server host: veth 192.0.2.1/24, tunnel 10.9.0.1/24    client host: veth 192.0.2.2/24, tunnel 10.9.0.2/24
+    """
+
+    SERVER_IP, CLIENT_IP = "192.0.2.1", "192.0.2.2"
+    TUNNEL_IP = {"s": "10.9.0.1", "c": "10.9.0.2"}
+
+    def __init__(self, tmp_path):
+        tag = "stt%d-%d" % (os.getpid(), next(_lab_numbers))
+        self.ns = {"s": tag + "s", "c": tag + "c"}
+        self.tmp = tmp_path
+        self.procs = []
+        for ns in self.ns.values():
+            self.ip("netns", "add", ns)
+        self.ip("link", "add", "veth0", "netns", self.ns["s"], "type", "veth",
+                "peer", "name", "veth0", "netns", self.ns["c"])
+        for side, address in (("s", self.SERVER_IP), ("c", self.CLIENT_IP)):
+            self.ip("-n", self.ns[side], "link", "set", "lo", "up")
+            self.ip("-n", self.ns[side], "addr", "add", address + "/24", "dev", "veth0")
+            self.ip("-n", self.ns[side], "link", "set", "veth0", "up")
+
+    def ip(self, *args, check=True):
+        return subprocess.run(["ip"] + list(args), capture_output=True, text=True, check=check,
+                              timeout=TIMEOUT)
+
+    def spawn(self, side, argv, log_name):
+        """Start argv in a namespace, output to a log file; remember it for teardown."""
+        log_path = self.tmp / log_name
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.ns[side]] + argv,
+                                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc.log_path = log_path
+        self.procs.append(proc)
+        return proc
+
+    def tunnel(self, side, *args, name=None):
+        """Start simpletun.py on one side (server: -s, client: -c SERVER_IP)."""
+        role = ["-s"] if side == "s" else ["-c", self.SERVER_IP]
+        name = name or "%s-%d.log" % (side, len(self.procs))
+        return self.spawn(side, [sys.executable, "-u", SCRIPT] + role + list(args), name)
+
+    def configure(self, side, device):
+        """Give the tunnel device its address and bring it up, once the program has made it."""
+        wait_for(lambda: self.ip("-n", self.ns[side], "link", "show", device, check=False).returncode == 0,
+                 "%s to appear in %s" % (device, self.ns[side]))
+        self.ip("-n", self.ns[side], "addr", "add", self.TUNNEL_IP[side] + "/24", "dev", device)
+        self.ip("-n", self.ns[side], "link", "set", device, "up")
+
+    def echo(self, side):
+        """Start a UDP echo server on the tunnel address of one side."""
+        return self.spawn(side, [sys.executable, "-c", UDP_ECHO, self.TUNNEL_IP[side]], "echo-%s.log" % side)
+
+    def probe(self, side, count=5, wait=1.0):
+        """Send `count` UDP probes from one side to the echo on the other; return how many came back."""
+        other = self.TUNNEL_IP["c" if side == "s" else "s"]
+        result = subprocess.run(["ip", "netns", "exec", self.ns[side], sys.executable, "-c", UDP_PROBE,
+                                 other, str(count), str(wait)],
+                                capture_output=True, text=True, timeout=count * wait + TIMEOUT)
+        return int(result.stdout or 0)
+
+    def close(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(TIMEOUT)
+        for ns in self.ns.values():
+            # anything still living in a namespace of ours was started by this test
+            for pid in self.ip("netns", "pids", ns, check=False).stdout.split():
+                os.kill(int(pid), signal.SIGKILL)
+            self.ip("netns", "del", ns, check=False)
+
+
+def wait_for(condition, what, timeout=10):
+    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out after %d s waiting for %s" % (timeout, what))
+
+
+def log_of(proc):
+    return proc.log_path.read_text()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    reason = netns_unavailable()
+    if reason:
+        skip_or_fail(reason)
+    the_lab = Lab(tmp_path)
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not any(ns in left for ns in the_lab.ns.values()), "namespaces left behind"
+
+
+def start_pair(lab, device="tun0", *flags):
+    """Server and client on `device`, addressed and up; return (server, client) processes."""
+    server = lab.tunnel("s", "-i", device, "-d", *flags)
+    lab.configure("s", device)
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    client = lab.tunnel("c", "-i", device, "-d", *flags)
+    lab.configure("c", device)
+    return server, client
+
+
+def tunnel_passes(lab, side="c"):
+    """Wait until UDP probes from `side` come back through the tunnel."""
+    wait_for(lambda: lab.probe(side, count=1, wait=0.5) == 1, "a probe to cross the tunnel from " + side)
+    return True
+
+
+@pytest.mark.netns
+def test_tun_tunnel_carries_traffic_both_ways_and_leaves_no_device(lab):
+    server, client = start_pair(lab, "tun0")
+    lab.echo("s"), lab.echo("c")
+    assert tunnel_passes(lab, "c") and tunnel_passes(lab, "s")
+    assert lab.probe("c", count=20, wait=1) == 20
+    assert lab.probe("s", count=20, wait=1) == 20
+    assert "CLIENT: Connected to server 192.0.2.1" in log_of(client)
+    assert "SERVER: Client connected from 192.0.2.2" in log_of(server)
+    assert "TAP2NET 1: Read" in log_of(client) and "NET2TAP 1: Written" in log_of(server)
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(TIMEOUT) == 0
+    assert "TAP2NET" in log_of(client).splitlines()[-1]  # the exit summary
+    # The device the client made was transient: it went with the process.
+    assert lab.ip("-n", lab.ns["c"], "link", "show", "tun0", check=False).returncode != 0
+
+
+@pytest.mark.netns
+def test_tap_tunnel_carries_ethernet_frames_and_resolves_arp(lab):
+    for side in "sc":  # persistent tap devices made beforehand, as `ip tuntap add` users do
+        lab.ip("-n", lab.ns[side], "tuntap", "add", "dev", "tap0", "mode", "tap")
+    server, client = start_pair(lab, "tap0", "-a")
+    lab.echo("s"), lab.echo("c")
+    assert tunnel_passes(lab, "c") and tunnel_passes(lab, "s")
+    assert lab.probe("c", count=20, wait=1) == 20
+    neighbours = lab.ip("-n", lab.ns["c"], "neigh", "show", "dev", "tap0").stdout
+    assert "10.9.0.1 lladdr" in neighbours  # ARP crossed the tunnel
+    assert "Read 42 bytes from the tap interface" in log_of(client) + log_of(server)  # an ARP frame
+
+
+@pytest.mark.netns
+def test_server_survives_leaving_killed_and_garbage_clients_then_serves_the_next(lab):
+    server, client = start_pair(lab, "tun0")
+    lab.echo("s")
+    assert tunnel_passes(lab)
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(TIMEOUT) == 0
+    wait_for(lambda: "SERVER: the peer closed the connection" in log_of(server), "the clean close")
+
+    client = lab.tunnel("c", "-i", "tun0")
+    lab.configure("c", "tun0")
+    assert tunnel_passes(lab)
+    client.kill()
+    client.wait(TIMEOUT)
+
+    garbage = """
+import os, socket, sys
+for payload in (b"", b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n", os.urandom(5000), b"\\xff\\xff" + b"z" * 100,
+                b"\\x00\\x10" + b"\\x00" * 16 + b"\\x45" * 20, b"\\x00\\x00" * 10):
+    with socket.create_connection((sys.argv[1], 55555), timeout=5) as s:
+        s.sendall(payload)
+print("sent")
+"""
+    garbage_proc = lab.spawn("c", [sys.executable, "-c", garbage, lab.SERVER_IP], "garbage.log")
+    assert garbage_proc.wait(TIMEOUT * 2) == 0
+    wait_for(lambda: log_of(server).count("SERVER: Client connected from") >= 8, "all garbage clients")
+    assert server.poll() is None, "the server died:\n" + log_of(server)
+
+    client = lab.tunnel("c", "-i", "tun0")
+    lab.configure("c", "tun0")
+    assert tunnel_passes(lab)
+    assert lab.probe("c", count=10) == 10
+    text = log_of(server)
+    assert "connection ended in the middle of a frame" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.netns
+def test_device_down_drops_with_one_line_and_resumes_when_up(lab):
+    server, client = start_pair(lab, "tun0")
+    lab.echo("s")
+    assert tunnel_passes(lab)
+    lab.ip("-n", lab.ns["s"], "link", "set", "tun0", "down")
+    assert lab.probe("c", count=5, wait=0.3) == 0
+    wait_for(lambda: "refused" in log_of(server), "the refusal to be logged")
+    lab.ip("-n", lab.ns["s"], "link", "set", "tun0", "up")
+    assert tunnel_passes(lab)
+    assert lab.probe("c", count=10) == 10
+    text = log_of(server)
+    assert text.count("refused a") == 1 and "is the device down?" in text
+    assert "tun0 accepts packets again" in text
+    assert server.poll() is None and client.poll() is None
+
+
+@pytest.mark.netns
+def test_client_exits_0_when_server_closes_and_1_when_it_vanishes_mid_frame(lab):
+    server, client = start_pair(lab, "tun0")
+    lab.echo("s")
+    assert tunnel_passes(lab)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(TIMEOUT) == 0
+    assert client.wait(TIMEOUT) == 0
+    assert "CLIENT: the peer closed the connection" in log_of(client)
+
+    half_frame = """
+import socket
+with socket.create_server(("", 55555)) as l:
+    c, _ = l.accept()
+    c.sendall(b"\\x00\\x54" + b"E" * 20)
+    c.close()
+"""
+    fake = lab.spawn("s", [sys.executable, "-c", half_frame], "fake-server.log")
+    wait_for(lambda: "55555" in lab.ip("netns", "exec", lab.ns["s"], "ss", "-ltn").stdout, "the fake server")
+    client = lab.tunnel("c", "-i", "tun0")
+    assert client.wait(TIMEOUT) == 1
+    assert fake.wait(TIMEOUT) == 0
+    assert "CLIENT: the peer vanished: connection ended in the middle of a frame (22 of 86 bytes)" \
+        in log_of(client)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("setup, side, args, says", [
+    ("busy", "s", ["-i", "tun0", "-s", "-p", "5001"], "tun0 is busy: another program has it open"),
+    ("tap", "s", ["-i", "tap7", "-s", "-p", "5002"], "tap7 is a tap device, not tun: use -a"),
+    ("busy", "s", ["-i", "tun5", "-s"], "port 55555 is already in use"),
+    (None, "c", ["-i", "tun6", "-c", "192.0.2.1", "-p", "5003"], "refused: is the server running"),
+    (None, "c", ["-i", "tun6", "-c", "no-such-host.invalid"], "unknown host no-such-host.invalid"),
+    (None, "s", ["-i", "veth0", "-s"], "veth0 is an existing interface that is not tun/tap"),
+])
+def test_user_errors_are_one_line_and_exit_1(lab, setup, side, args, says):
+    if setup == "busy":
+        holder = lab.tunnel("s", "-i", "tun0", "-d")
+        wait_for(lambda: "listening" in log_of(holder), "the first server")
+    if setup == "tap":
+        lab.ip("-n", lab.ns["s"], "tuntap", "add", "dev", "tap7", "mode", "tap")
+    result = subprocess.run(["ip", "netns", "exec", lab.ns[side], sys.executable, SCRIPT] + args,
+                            capture_output=True, text=True, timeout=TIMEOUT * 3)
+    assert result.returncode == 1
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr
