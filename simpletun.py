@@ -257,41 +257,44 @@ class Deframer:
     """Cut a TCP byte stream back into packets: feed() it bytes as they come, get whole packets.
 
     TCP keeps no message boundaries: one receive may end inside a frame, or hold many.
-    The buffer never holds more than one unfinished frame plus the last chunk fed.
+    Between receives we keep only the unfinished frame at the end (`pending`), so the
+    memory held never exceeds one maximum frame.
     """
 
     def __init__(self):
-        self.buffer = bytearray()
+        self.pending = b""  # the start of a frame whose end has not arrived yet
         self.frames = 0  # whole frames cut so far
 
     def feed(self, data):
-        """Add received bytes; return the list of packets they completed (maybe none, maybe many)."""
-        buffer = self.buffer
-        buffer += data
+        """Add received bytes; return the packets they completed (maybe none, maybe many).
+
+        The packets are memoryviews into the received bytes: cutting them copies nothing.
+        """
+        if self.pending:
+            data = self.pending + data
+        view = memoryview(data)
         packets, start = [], 0
-        # Walk an offset through the buffer and shift the leftover down once at the end,
-        # instead of copying the whole buffer once per frame.
-        while len(buffer) - start >= HEADER.size:
-            (length,) = HEADER.unpack_from(buffer, start)
+        while len(data) - start >= HEADER.size:
+            (length,) = HEADER.unpack_from(data, start)
             end = start + HEADER.size + length
-            if end > len(buffer):
+            if end > len(data):
                 break
-            packets.append(bytes(buffer[start + HEADER.size:end]))
+            packets.append(view[start + HEADER.size:end])
             start = end
-        del buffer[:start]
+        self.pending = data[start:]
         self.frames += len(packets)
         return packets
 
     def close(self):
         """The stream has ended: raise FrameError if it ended in the middle of a frame."""
-        if not self.buffer:
+        if not self.pending:
             return
-        if len(self.buffer) < HEADER.size:
+        if len(self.pending) < HEADER.size:
             raise FrameError("connection ended in the middle of a frame header (%d of 2 bytes)"
-                             % len(self.buffer))
-        (length,) = HEADER.unpack_from(self.buffer)
+                             % len(self.pending))
+        (length,) = HEADER.unpack_from(self.pending)
         raise FrameError("connection ended in the middle of a frame (%d of %d bytes)"
-                         % (len(self.buffer), HEADER.size + length))
+                         % (len(self.pending), HEADER.size + length))
 
 
 # ---------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_stream_that_ends_mid_frame_is_told_apart_from_a_clean_end(stream, messa
 def test_deframer_buffers_no_more_than_the_unfinished_frame():
     deframer = Deframer()
     deframer.feed(frame(b"a" * 1000) * 50 + frame(b"b" * 3000)[:1234])
-    assert len(deframer.buffer) == 1234
+    assert len(deframer.pending) == 1234
 
 
 # ---------------------------------------------------------------------------------------
