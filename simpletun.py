@@ -29,13 +29,18 @@ who can reach the server's port becomes a host on your private network.
 
 import argparse
 import errno
+import ipaddress
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import threading
+import time
 
 try:
     import fcntl
@@ -67,6 +72,18 @@ IFNAMSIZ = 16  # interface names are at most 15 bytes plus the terminating NUL
 # leading short (ifr_flags) of the union. The union's largest member makes the struct 40 bytes
 # on 64-bit Linux; we always pass 40 so the kernel never reads past our buffer.
 IFREQ_FLAGS = struct.Struct("16sH22x")
+
+# linux/sockios.h: the requests ifconfig makes to set up an interface, on any AF_INET socket.
+# Each passes a struct ifreq: the interface name, then the one field the request reads or writes.
+SIOCGIFFLAGS = 0x8913  # read the interface flags (ifr_flags)
+SIOCSIFFLAGS = 0x8914  # write them: we add IFF_UP
+SIOCSIFADDR = 0x8916  # set the IPv4 address (ifr_addr, a struct sockaddr_in)
+SIOCSIFNETMASK = 0x891C  # set the IPv4 netmask (ifr_netmask, also a struct sockaddr_in)
+SIOCSIFMTU = 0x8922  # set the MTU (ifr_mtu, an int)
+IFF_UP = 0x1  # the interface flag "up" (linux/if.h) -- not IFF_TUN, a tun flag with the same value
+IFREQ_ADDRESS = struct.Struct("16sH2x4s16x")  # name; sockaddr_in: family, port (unused), address
+IFREQ_MTU = struct.Struct("16si20x")
+MIN_MTU, MAX_MTU = 68, 65535  # IPv4's smallest MTU; the largest a tun device takes
 
 # The wire format
 HEADER = struct.Struct("!H")  # the length, big-endian ("network order"), as the original's htons()
@@ -151,6 +168,34 @@ def device_kind(name):
         return "other" if os.path.exists("/sys/class/net/%s" % name) else None
     except (OSError, ValueError):
         return "other"
+
+
+def configure_device(name, interface=None, mtu=None):
+    """What ifconfig does: set the MTU, the IPv4 address and netmask, and bring the device up.
+
+    `interface` is an ipaddress.IPv4Interface (address and prefix) or None; without it the
+    device keeps its addresses and up/down state, and only the MTU changes if one is given.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+
+        def request(code, ifreq, what):
+            try:
+                return fcntl.ioctl(sock, code, ifreq)
+            except OSError as err:
+                raise UserError("cannot set the %s of %s: %s" % (what, name, err.strerror)) from None
+
+        ifname = name.encode()
+        if mtu:
+            request(SIOCSIFMTU, IFREQ_MTU.pack(ifname, mtu), "MTU %d" % mtu)
+        if interface:
+            request(SIOCSIFADDR, IFREQ_ADDRESS.pack(ifname, socket.AF_INET, interface.ip.packed),
+                    "address %s" % interface.ip)
+            request(SIOCSIFNETMASK, IFREQ_ADDRESS.pack(ifname, socket.AF_INET, interface.netmask.packed),
+                    "netmask %s" % interface.netmask)
+            _, flags = IFREQ_FLAGS.unpack(request(SIOCGIFFLAGS, IFREQ_FLAGS.pack(ifname, 0), "flags"))
+            request(SIOCSIFFLAGS, IFREQ_FLAGS.pack(ifname, flags | IFF_UP), "flags")
+    done = (["MTU %d" % mtu] if mtu else []) + (["address %s" % interface, "up"] if interface else [])
+    log.debug("Configured %s: %s", name, ", ".join(done))
 
 
 class Tunnel:
@@ -298,7 +343,143 @@ class Deframer:
 
 
 # ---------------------------------------------------------------------------------------
-# 5. The two directions: tap2net(), net2tap()
+# 5. Saying what a packet is, for -dd: describe()
+#    Only called when -dd is on; bad or cut-off bytes get an honest description, never an error.
+# ---------------------------------------------------------------------------------------
+
+ETHERNET = struct.Struct("!6s6sH")  # destination MAC, source MAC, EtherType
+ARP = struct.Struct("!HHBBH6s4s6s4s")  # hardware/protocol types and sizes, op, sender/target MAC and IP
+IPV4 = struct.Struct("!BBHHHBBH4s4s")  # version+IHL, TOS, total length, id, flags+fragment, TTL, proto, sum, src, dst
+IPV6 = struct.Struct("!IHBB16s16s")  # version+class+flow, payload length, next header, hop limit, src, dst
+PORTS = struct.Struct("!HH")  # the source and destination ports that start TCP and UDP headers
+
+ETHERTYPE_IPV4, ETHERTYPE_ARP, ETHERTYPE_IPV6 = 0x0800, 0x0806, 0x86DD
+ARP_REQUEST, ARP_REPLY = 1, 2
+ICMP, TCP, UDP, ICMPV6 = 1, 6, 17, 58  # IP protocol numbers
+IPV6_EXTENSION_HEADERS = {0: "hop-by-hop", 43: "routing", 60: "destination-options"}
+IPV6_FRAGMENT = 44
+
+ICMP_TYPES = {0: "echo-reply", 3: "destination-unreachable", 5: "redirect", 8: "echo-request",
+              11: "time-exceeded"}
+ICMPV6_TYPES = {1: "destination-unreachable", 2: "packet-too-big", 3: "time-exceeded",
+                128: "echo-request", 129: "echo-reply", 133: "router-solicitation",
+                134: "router-advertisement", 135: "neighbor-solicitation",
+                136: "neighbor-advertisement", 143: "multicast-listener-report"}
+TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x08, "PSH"), (0x01, "FIN"), (0x04, "RST"), (0x20, "URG"))
+
+
+def describe(packet, tap):
+    """One line saying what a packet is: an Ethernet frame (tap) or an IP packet (tun)."""
+    packet = bytes(packet)
+    return describe_ethernet(packet) if tap else describe_ip(packet)
+
+
+def describe_ethernet(frame):
+    if len(frame) < ETHERNET.size:
+        return "Ethernet truncated header (%d bytes)" % len(frame)
+    destination, source, ethertype = ETHERNET.unpack_from(frame)
+    payload = frame[ETHERNET.size:]
+    if ethertype == ETHERTYPE_ARP:
+        inner = describe_arp(payload)
+    elif ethertype in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
+        inner = describe_ip(payload)
+    else:
+        inner = "EtherType 0x%04x (%d bytes)" % (ethertype, len(frame))
+    if destination == b"\xff" * 6:
+        kind = " broadcast"
+    elif destination[0] & 1:  # the group bit: IPv4/IPv6 multicast, e.g. 33:33:.. for IPv6
+        kind = " multicast"
+    else:
+        kind = ""
+    return "%s (Ethernet %s > %s%s)" % (inner, mac_text(source), mac_text(destination), kind)
+
+
+def mac_text(mac):
+    return ":".join("%02x" % b for b in mac)
+
+
+def describe_arp(payload):
+    if len(payload) < ARP.size:
+        return "ARP truncated (%d bytes)" % len(payload)
+    _, _, _, _, op, sender_mac, sender_ip, _, target_ip = ARP.unpack_from(payload)
+    sender, target = socket.inet_ntoa(sender_ip), socket.inet_ntoa(target_ip)
+    if op == ARP_REQUEST:
+        return "ARP who-has %s tell %s" % (target, sender)
+    if op == ARP_REPLY:
+        return "ARP reply %s is-at %s" % (sender, mac_text(sender_mac))
+    return "ARP operation %d" % op
+
+
+def describe_ip(packet):
+    version = packet[0] >> 4 if packet else None
+    if version == 4:
+        return describe_ipv4(packet)
+    if version == 6:
+        return describe_ipv6(packet)
+    return "not an IP packet (%d bytes)" % len(packet)
+
+
+def describe_ipv4(packet):
+    header_size = (packet[0] & 0x0F) * 4
+    if len(packet) < IPV4.size or header_size < IPV4.size or len(packet) < header_size:
+        return "IPv4 truncated header (%d bytes)" % len(packet)
+    _, _, total, _, fragment, _, protocol, _, source, destination = IPV4.unpack_from(packet)
+    addresses = "IPv4 %s > %s" % (socket.inet_ntoa(source), socket.inet_ntoa(destination))
+    if fragment & 0x1FFF:  # a later fragment: its bytes continue a transport header we saw before
+        return "%s fragment (%d bytes)" % (addresses, len(packet))
+    payload = packet[header_size:max(total, header_size)]
+    return "%s %s (%d bytes)" % (addresses, describe_transport(protocol, payload, ICMP_TYPES), len(packet))
+
+
+def describe_ipv6(packet):
+    if len(packet) < IPV6.size:
+        return "IPv6 truncated header (%d bytes)" % len(packet)
+    _, _, protocol, _, source, destination = IPV6.unpack_from(packet)
+    addresses = "IPv6 %s > %s" % (socket.inet_ntop(socket.AF_INET6, source),
+                                  socket.inet_ntop(socket.AF_INET6, destination))
+    payload = packet[IPV6.size:]
+    # Extension headers sit between the IPv6 header and the transport: skip them (MLD reports,
+    # for example, carry a hop-by-hop header), each says its own length in 8-byte units.
+    while protocol in IPV6_EXTENSION_HEADERS and len(payload) >= 2:
+        protocol, size = payload[0], (payload[1] + 1) * 8
+        payload = payload[size:]
+    if protocol == IPV6_FRAGMENT:
+        return "%s fragment (%d bytes)" % (addresses, len(packet))
+    return "%s %s (%d bytes)" % (addresses, describe_transport(protocol, payload, ICMPV6_TYPES), len(packet))
+
+
+def describe_transport(protocol, payload, icmp_types):
+    """The part of an IP packet's line that says what it carries: TCP, UDP, ICMP or ICMPv6."""
+    if protocol in (ICMP, ICMPV6):
+        name = "ICMP" if protocol == ICMP else "ICMPv6"
+        if len(payload) < 8:
+            return "%s truncated (%d bytes)" % (name, len(payload))
+        kind, code = payload[0], payload[1]
+        text = "%s %s" % (name, icmp_types.get(kind, "type %d code %d" % (kind, code)))
+        if icmp_types.get(kind, "").startswith("echo"):  # echo request/reply carry an id and a sequence
+            identifier, sequence = PORTS.unpack_from(payload, 4)
+            text += " id=%d seq=%d" % (identifier, sequence)
+        elif protocol == ICMPV6 and icmp_types.get(kind, "").startswith("neighbor") and len(payload) >= 24:
+            # neighbor solicitation/advertisement: IPv6's ARP; the target address follows
+            text += " " + socket.inet_ntop(socket.AF_INET6, payload[8:24])
+        return text
+    if protocol == TCP:
+        if len(payload) < 20:
+            return "TCP truncated header (%d bytes)" % len(payload)
+        source, destination = PORTS.unpack_from(payload)
+        flags = ",".join(name for bit, name in TCP_FLAGS if payload[13] & bit) or "none"
+        data = len(payload) - (payload[12] >> 4) * 4
+        return "TCP %d > %d [%s] len=%d" % (source, destination, flags, max(data, 0))
+    if protocol == UDP:
+        if len(payload) < 8:
+            return "UDP truncated header (%d bytes)" % len(payload)
+        source, destination = PORTS.unpack_from(payload)
+        return "UDP %d > %d len=%d" % (source, destination, len(payload) - 8)
+    return "protocol %d" % protocol
+
+
+# ---------------------------------------------------------------------------------------
+# 6. The two directions: tap2net(), net2tap()
 # ---------------------------------------------------------------------------------------
 
 def tap2net(tunnel, out):
@@ -314,6 +495,8 @@ def tap2net(tunnel, out):
         tunnel.tap2net += 1
         if tunnel.debug:
             log.debug("TAP2NET %d: Read %d bytes from the tap interface", tunnel.tap2net, len(packet))
+            if tunnel.debug > 1:
+                log.debug("TAP2NET %d: %s", tunnel.tap2net, describe(packet, tunnel.tap))
         try:
             out += frame(packet)
         except FrameError as err:
@@ -333,6 +516,8 @@ def net2tap(tunnel, packets):
         tunnel.net2tap += 1
         if tunnel.debug:
             log.debug("NET2TAP %d: Read %d bytes from the network", tunnel.net2tap, len(packet))
+            if tunnel.debug > 1 and packet:
+                log.debug("NET2TAP %d: %s", tunnel.net2tap, describe(packet, tunnel.tap))
         if not packet:  # the kernel would refuse it; the C original would die on it
             log.debug("NET2TAP %d: skipped an empty frame", tunnel.net2tap)
             continue
@@ -368,7 +553,7 @@ def note_refusal(tunnel, size, err):
 
 
 # ---------------------------------------------------------------------------------------
-# 6. The select loop: relay()
+# 7. The select loop: relay()
 # ---------------------------------------------------------------------------------------
 
 def send_queued(sock, out):
@@ -419,7 +604,7 @@ def relay(tunnel, sock):
 
 
 # ---------------------------------------------------------------------------------------
-# 7. Command line: serve(), run_client(), main()
+# 8. Server and client: serve(), run_client()
 # ---------------------------------------------------------------------------------------
 
 def relay_until_closed(tunnel, sock, side):
@@ -452,6 +637,193 @@ def run_client(tunnel, args):
         return 0 if relay_until_closed(tunnel, sock, "CLIENT") else 1
 
 
+# ---------------------------------------------------------------------------------------
+# 9. The whole tunnel on one machine: demo()
+#    Two network namespaces stand in for two hosts, a veth pair for the cable between them.
+# ---------------------------------------------------------------------------------------
+
+DEMO_PREFIX = "simpletun-demo-"  # namespaces are named DEMO_PREFIX + our pid + "-s" / "-c"
+DEMO_UNDERLAY = {"server": "192.0.2.1/24", "client": "192.0.2.2/24"}  # the "physical" network
+DEMO_TUNNEL = {"server": "10.0.0.1/24", "client": "10.0.0.2/24"}  # the private network
+DEMO_PINGS = 3
+DEMO_WAIT = 10  # seconds for each end to come up
+ICMP_ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
+ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
+
+
+def internet_checksum(data):
+    """The ones' complement sum of 16-bit words that IP, ICMP, TCP and UDP use (RFC 1071)."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ping(address, count=DEMO_PINGS, timeout=2.0):
+    """Send ICMP echo requests to `address`, print each reply; return how many came back.
+
+    What the ping command does, with a raw socket (root only): the demo cannot count on
+    ping being installed.
+    """
+    identifier = os.getpid() & 0xFFFF
+    replies = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        for sequence in range(1, count + 1):
+            payload = b"simpletun.py demo, echo request %d" % sequence
+            header = ICMP_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, identifier, sequence)
+            checksum = internet_checksum(header + payload)
+            sent = time.monotonic()
+            sock.sendto(ICMP_ECHO.pack(ICMP_ECHO_REQUEST, 0, checksum, identifier, sequence) + payload,
+                        (address, 0))
+            while select.select([sock], [], [], max(0, sent + timeout - time.monotonic()))[0]:
+                reply = sock.recv(65535)  # a raw socket hands us the IP header too
+                kind, _, _, their_id, their_sequence = ICMP_ECHO.unpack_from(reply, (reply[0] & 0x0F) * 4)
+                if (kind, their_id, their_sequence) == (ICMP_ECHO_REPLY, identifier, sequence):
+                    print("reply from %s: icmp_seq=%d time=%.2f ms"
+                          % (address, sequence, (time.monotonic() - sent) * 1000), flush=True)
+                    replies += 1
+                    break
+            else:
+                print("no reply from %s to icmp_seq=%d within %g s" % (address, sequence, timeout), flush=True)
+            time.sleep(0.2)
+    return replies
+
+
+def ip_command(*args):
+    """Run `ip ARGS...` (iproute2); a failure is a UserError carrying ip's own message."""
+    result = subprocess.run(("ip",) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    if result.returncode != 0:
+        raise UserError("ip %s: %s" % (" ".join(args), result.stderr.strip()))
+    return result.stdout
+
+
+def remove_stale_demos():
+    """Remove the namespaces of earlier demos whose process is gone (killed before it cleaned up)."""
+    for line in ip_command("netns", "list").splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith(DEMO_PREFIX) or not name[len(DEMO_PREFIX):-2].isdigit():
+            continue
+        try:
+            os.kill(int(name[len(DEMO_PREFIX):-2]), 0)
+            continue  # that demo is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, someone else's
+        remove_namespace(name)
+        print("demo: removed %s, left behind by an earlier demo" % name, flush=True)
+
+
+def remove_namespace(name):
+    """End what still runs in a demo namespace (the demo started it), then delete the namespace."""
+    for pid in ip_command("netns", "pids", name).split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    ip_command("netns", "delete", name)
+
+
+def echo_lines(stream, label, watch):
+    """Print each line of a child's output with its side's label; set watch[text] when text is seen."""
+    for line in stream:
+        print("%-6s| %s" % (label, line.rstrip("\n")), flush=True)
+        for text, seen in watch.items():
+            if text in line:
+                seen.set()
+
+
+def start_labelled(namespace, label, command, watch=None):
+    """Start `command` inside `namespace`; a thread prints its output labelled. Returns (process, thread)."""
+    process = subprocess.Popen(["ip", "netns", "exec", namespace] + command, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, universal_newlines=True)
+    thread = threading.Thread(target=echo_lines, args=(process.stdout, label, watch or {}), daemon=True)
+    thread.start()
+    return process, thread
+
+
+def wait_to_see(seen, what, process):
+    """Wait for an end to print the line that says it is ready."""
+    deadline = time.monotonic() + DEMO_WAIT
+    while not seen.wait(0.1):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise UserError("the demo's %s did not come up: see its lines above" % what)
+
+
+def demo(tap):
+    """--demo: build two hosts, run a server and a client, ping through the tunnel, clean up."""
+    if os.geteuid() != 0:
+        raise UserError("--demo needs root, to make network namespaces: sudo ./simpletun.py --demo")
+    if not shutil.which("ip"):
+        raise UserError("--demo needs the ip command from iproute2 (apt install iproute2)")
+    remove_stale_demos()
+    mode, device = ("tap", "tap0") if tap else ("tun", "tun0")
+    ns = {side: "%s%d-%s" % (DEMO_PREFIX, os.getpid(), side[0]) for side in ("server", "client")}
+    script = [sys.executable, os.path.abspath(__file__), "-i", device, "-dd"] + (["-a"] if tap else [])
+    server_ip = DEMO_UNDERLAY["server"].split("/")[0]
+    target = DEMO_TUNNEL["server"].split("/")[0]
+    print("demo: two hosts, each a network namespace, joined by a veth pair (the \"physical\" network):\n"
+          "demo:   server %s  veth0 %s  %s %s\n"
+          "demo:   client %s  veth0 %s  %s %s\n"
+          "demo: a %s tunnel joins %s and %s; the client pings %s through it."
+          % (ns["server"], DEMO_UNDERLAY["server"], device, DEMO_TUNNEL["server"],
+             ns["client"], DEMO_UNDERLAY["client"], device, DEMO_TUNNEL["client"],
+             mode, DEMO_TUNNEL["server"], DEMO_TUNNEL["client"], target), flush=True)
+    running = []
+    try:
+        for name in ns.values():
+            ip_command("netns", "add", name)
+        ip_command("-n", ns["server"], "link", "add", "veth0", "type", "veth",
+                   "peer", "name", "veth0", "netns", ns["client"])
+        for side, name in ns.items():
+            ip_command("-n", name, "addr", "add", DEMO_UNDERLAY[side], "dev", "veth0")
+            ip_command("-n", name, "link", "set", "veth0", "up")
+            ip_command("-n", name, "link", "set", "lo", "up")
+
+        listening = threading.Event()
+        running.append(start_labelled(ns["server"], "server", script + ["-s", "--addr", DEMO_TUNNEL["server"]],
+                                      {"SERVER: listening": listening}))
+        wait_to_see(listening, "server", running[-1][0])
+        connected = threading.Event()
+        running.append(start_labelled(ns["client"], "client", script + ["-c", server_ip, "--addr",
+                                                                         DEMO_TUNNEL["client"]],
+                                      {"CLIENT: Connected": connected}))
+        wait_to_see(connected, "client", running[-1][0])
+
+        pinger = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import simpletun; "
+                  "sys.exit(simpletun.ping(%r) != %d)" % (os.path.dirname(os.path.abspath(__file__)),
+                                                           target, DEMO_PINGS)]
+        process, thread = start_labelled(ns["client"], "ping", pinger)
+        crossed = process.wait() == 0
+        thread.join()
+    finally:
+        for process, _ in running:  # both ends print their summary line on SIGTERM
+            if process.poll() is None:
+                process.terminate()
+        for process, thread in running:
+            try:
+                process.wait(DEMO_WAIT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            thread.join(DEMO_WAIT)
+        for name in ns.values():
+            if name in ip_command("netns", "list"):
+                remove_namespace(name)
+        print("demo: removed both namespaces and everything in them", flush=True)
+    if crossed:
+        print("demo: all %d echo requests crossed the tunnel and their replies came back" % DEMO_PINGS)
+        return 0
+    print("demo: FAILED: not every echo request came back through the tunnel")
+    return 1
+
+
+# ---------------------------------------------------------------------------------------
+# 10. The command line: parse_args(), main()
+# ---------------------------------------------------------------------------------------
+
 def interface_name(text):
     """argparse type: an interface name the kernel can take (1 to 15 bytes, no '/' or spaces)."""
     size = len(text.encode())
@@ -472,6 +844,27 @@ def port_number(text):
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError("a port is a number from 1 to 65535, not %r" % text)
     return port
+
+
+def ipv4_interface(text):
+    """argparse type: an IPv4 address with its prefix length, e.g. 10.0.0.1/24."""
+    try:
+        if "/" not in text:
+            raise ValueError
+        return ipaddress.IPv4Interface(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an IPv4 address/prefix such as 10.0.0.1/24: %r" % text) from None
+
+
+def mtu_size(text):
+    """argparse type: an MTU the device can take."""
+    try:
+        mtu = int(text)
+    except ValueError:
+        mtu = 0
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise argparse.ArgumentTypeError("an MTU is a number from %d to %d, not %r" % (MIN_MTU, MAX_MTU, text))
+    return mtu
 
 
 def parse_args(argv=None):
@@ -495,10 +888,21 @@ def parse_args(argv=None):
     kind.add_argument("-u", "--tun", dest="tap", action="store_false", help="use a TUN device (default)")
     kind.add_argument("-a", "--tap", dest="tap", action="store_true", help="use a TAP device")
     parser.set_defaults(tap=False)  # otherwise -u's store_false would make tap the default
+    parser.add_argument("--addr", metavar="CIDR", type=ipv4_interface,
+                        help="give the device this IPv4 address/prefix (e.g. 10.0.0.1/24) and bring it up")
+    parser.add_argument("--mtu", metavar="N", type=mtu_size,
+                        help="set the device's MTU (%d-%d)" % (MIN_MTU, MAX_MTU))
     parser.add_argument("-d", "--debug", action="count", default=0,
-                        help="log every packet, as the original did")
+                        help="log every packet, as the original did; -dd also says what each packet is")
+    parser.add_argument("--demo", action="store_true",
+                        help="show the whole tunnel on this machine: two network namespaces, a server, "
+                             "a client and pings through the tunnel, then clean up (root; add -a for tap)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
+    if args.demo:
+        if args.iface or args.server or args.client or args.addr:
+            parser.error("--demo sets up both ends itself: use it alone, or with -a for tap mode")
+        return args
     if args.iface is None:
         parser.error("an interface name is required (-i NAME)")
     if not (args.server or args.client):
@@ -517,9 +921,13 @@ def main(argv=None):
         if not sys.platform.startswith("linux") or fcntl is None:
             raise UserError("simpletun.py runs on Linux only (it needs /dev/net/tun); this is %s"
                             % sys.platform)
+        if args.demo:
+            return demo(args.tap)
         fd, name = tun_alloc(args.iface, IFF_TAP if args.tap else IFF_TUN)
         tunnel = Tunnel(fd, name, args.tap, args.debug)
         log.debug("Successfully connected to interface %s", name)
+        if args.addr or args.mtu:
+            configure_device(name, args.addr, args.mtu)
         return serve(tunnel, args) if args.server else run_client(tunnel, args)
     except KeyboardInterrupt:
         return 0
