@@ -3,12 +3,15 @@ the command line, and end to end with real devices in network namespaces (root o
 
 import errno
 import itertools
+import json
 import os
 import random
+import re
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -86,6 +89,106 @@ def test_deframer_buffers_no_more_than_the_unfinished_frame():
     deframer = Deframer()
     deframer.feed(frame(b"a" * 1000) * 50 + frame(b"b" * 3000)[:1234])
     assert len(deframer.pending) == 1234
+
+
+# ---------------------------------------------------------------------------------------
+# 1b. Saying what a packet is (-dd): built packets, cut-off packets, garbage
+# ---------------------------------------------------------------------------------------
+
+def ipv4(protocol, payload, src="10.0.0.2", dst="10.0.0.1"):
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0, 64, protocol, 0,
+                       socket.inet_aton(src), socket.inet_aton(dst)) + payload
+
+
+def ipv6(next_header, payload, src="fe80::1", dst="ff02::2"):
+    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, 255,
+                       socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)) + payload
+
+
+def ethernet(ethertype, payload, dst="ff:ff:ff:ff:ff:ff", src="6e:00:00:00:00:02"):
+    return bytes.fromhex(dst.replace(":", "")) + bytes.fromhex(src.replace(":", "")) + \
+        struct.pack("!H", ethertype) + payload
+
+
+def arp(op, sender="10.0.0.2", target="10.0.0.1", sender_mac="6e:00:00:00:00:02"):
+    return struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, op, bytes.fromhex(sender_mac.replace(":", "")),
+                       socket.inet_aton(sender), bytes(6), socket.inet_aton(target))
+
+
+ECHO_REQUEST = ipv4(1, struct.pack("!BBHHH", 8, 0, 0, 7, 1) + b"x" * 56)
+TCP_SYN_ACK = ipv4(6, struct.pack("!HHIIBBHHH", 5201, 40000, 1, 2, 5 << 4, 0x12, 65535, 0, 0))
+TCP_DATA = ipv4(6, struct.pack("!HHIIBBHHH", 40000, 5201, 1, 2, 5 << 4, 0x18, 65535, 0, 0) + b"d" * 100)
+UDP_PACKET = ipv4(17, struct.pack("!HHHH", 40000, 7777, 8 + 5, 0) + b"hello")
+NEIGHBOR_SOLICITATION = ipv6(58, struct.pack("!BBHI", 135, 0, 0, 0) + socket.inet_pton(socket.AF_INET6, "fe80::2"),
+                             dst="ff02::1:ff00:2")
+NEIGHBOR_ADVERTISEMENT = ipv6(58, struct.pack("!BBHI", 136, 0, 0, 0) + socket.inet_pton(socket.AF_INET6, "fe80::2"),
+                              src="fe80::2", dst="fe80::1")
+ROUTER_SOLICITATION = ipv6(58, struct.pack("!BBHI", 133, 0, 0, 0))
+ECHO6_REPLY = ipv6(58, struct.pack("!BBHHH", 129, 0, 0, 9, 4), src="fd00::1", dst="fd00::2")
+MLD_REPORT = ipv6(0, bytes([58, 0, 5, 2, 0, 0, 1, 0]) + struct.pack("!BBHHH", 143, 0, 0, 0, 1) + bytes(20),
+                  src="::", dst="ff02::16")
+UDP6 = ipv6(17, struct.pack("!HHHH", 5353, 5353, 8, 0), dst="ff02::fb")
+
+
+@pytest.mark.parametrize("packet, tap, says", [
+    (ECHO_REQUEST, False, "IPv4 10.0.0.2 > 10.0.0.1 ICMP echo-request id=7 seq=1 (84 bytes)"),
+    (ipv4(1, struct.pack("!BBHHH", 0, 0, 0, 7, 1)), False, "ICMP echo-reply id=7 seq=1"),
+    (ipv4(1, struct.pack("!BBHI", 3, 1, 0, 0)), False, "ICMP destination-unreachable"),
+    (TCP_SYN_ACK, False, "IPv4 10.0.0.2 > 10.0.0.1 TCP 5201 > 40000 [SYN,ACK] len=0 (40 bytes)"),
+    (TCP_DATA, False, "TCP 40000 > 5201 [ACK,PSH] len=100"),
+    (UDP_PACKET, False, "IPv4 10.0.0.2 > 10.0.0.1 UDP 40000 > 7777 len=5 (33 bytes)"),
+    (NEIGHBOR_SOLICITATION, False, "IPv6 fe80::1 > ff02::1:ff00:2 ICMPv6 neighbor-solicitation fe80::2"),
+    (NEIGHBOR_ADVERTISEMENT, False, "IPv6 fe80::2 > fe80::1 ICMPv6 neighbor-advertisement fe80::2"),
+    (ROUTER_SOLICITATION, False, "IPv6 fe80::1 > ff02::2 ICMPv6 router-solicitation (48 bytes)"),
+    (ECHO6_REPLY, False, "IPv6 fd00::1 > fd00::2 ICMPv6 echo-reply id=9 seq=4"),
+    (MLD_REPORT, False, "IPv6 :: > ff02::16 ICMPv6 multicast-listener-report"),
+    (UDP6, False, "IPv6 fe80::1 > ff02::fb UDP 5353 > 5353 len=0"),
+    (ipv4(47, b"gre"), False, "IPv4 10.0.0.2 > 10.0.0.1 protocol 47 (23 bytes)"),
+    (ethernet(0x0806, arp(1)), True,
+     "ARP who-has 10.0.0.1 tell 10.0.0.2 (Ethernet 6e:00:00:00:00:02 > ff:ff:ff:ff:ff:ff broadcast)"),
+    (ethernet(0x0806, arp(2, "10.0.0.1", "10.0.0.2", "6e:00:00:00:00:01"), dst="6e:00:00:00:00:02",
+              src="6e:00:00:00:00:01"), True,
+     "ARP reply 10.0.0.1 is-at 6e:00:00:00:00:01 (Ethernet 6e:00:00:00:00:01 > 6e:00:00:00:00:02)"),
+    (ethernet(0x0800, ECHO_REQUEST, dst="6e:00:00:00:00:01"), True,
+     "IPv4 10.0.0.2 > 10.0.0.1 ICMP echo-request id=7 seq=1 (84 bytes) (Ethernet 6e:00:00:00:00:02 > "
+     "6e:00:00:00:00:01)"),
+    (ethernet(0x86DD, NEIGHBOR_SOLICITATION, dst="33:33:ff:00:00:02"), True,
+     "ICMPv6 neighbor-solicitation fe80::2 (64 bytes) (Ethernet 6e:00:00:00:00:02 > 33:33:ff:00:00:02 multicast)"),
+    (ethernet(0x88CC, b"lldp"), True, "EtherType 0x88cc (18 bytes) (Ethernet"),
+])
+def test_describe_says_what_a_packet_is(packet, tap, says):
+    assert says in simpletun.describe(packet, tap)
+
+
+@pytest.mark.parametrize("packet, tap, says", [
+    (b"", False, "not an IP packet (0 bytes)"),
+    (b"\x10garbage", False, "not an IP packet (8 bytes)"),
+    (ECHO_REQUEST[:12], False, "IPv4 truncated header (12 bytes)"),
+    (b"\x4f" + ECHO_REQUEST[1:30], False, "IPv4 truncated header (30 bytes)"),  # IHL says 60
+    (ECHO_REQUEST[:24], False, "ICMP truncated (4 bytes)"),
+    (TCP_SYN_ACK[:30], False, "TCP truncated header (10 bytes)"),
+    (UDP_PACKET[:25], False, "UDP truncated header (5 bytes)"),
+    (ROUTER_SOLICITATION[:39], False, "IPv6 truncated header (39 bytes)"),
+    (ethernet(0x0806, arp(1))[:20], True, "ARP truncated (6 bytes)"),
+    (b"\xff" * 13, True, "Ethernet truncated header (13 bytes)"),
+])
+def test_describe_is_honest_about_cut_off_and_garbage_packets(packet, tap, says):
+    assert says in simpletun.describe(packet, tap)
+
+
+def test_describe_never_raises_on_random_bytes():
+    rng = random.Random(4)
+    seeds = [ECHO_REQUEST, TCP_DATA, MLD_REPORT, ethernet(0x0806, arp(1)), ethernet(0x86DD, UDP6)]
+    for case in range(5000):
+        if case % 2:  # a real packet cut short and with a few bytes changed
+            packet = bytearray(rng.choice(seeds)[:rng.randrange(80)])
+            for _ in range(rng.randrange(4)):
+                if packet:
+                    packet[rng.randrange(len(packet))] = rng.randrange(256)
+        else:
+            packet = bytes(rng.randrange(256) for _ in range(rng.randrange(100)))
+        for tap in (False, True):
+            assert isinstance(simpletun.describe(bytes(packet), tap), str)
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,6 +317,38 @@ def test_without_debug_no_per_packet_line_is_logged(rig, caplog):
     r.frames_from_peer(1)
     r.finish()
     assert not [m for m in caplog.messages if "TAP2NET" in m or "NET2TAP" in m]
+
+
+def test_debug_twice_adds_what_each_packet_is(rig, caplog):
+    caplog.set_level("DEBUG", logger="simpletun")
+    r = rig(debug=2)
+    r.kernel.send(ECHO_REQUEST)
+    r.frames_from_peer(1)
+    r.peer.sendall(frame(UDP_PACKET))
+    r.kernel.recv(65536)
+    r.finish()
+    assert caplog.messages[:6] == [
+        "TAP2NET 1: Read 84 bytes from the tap interface",
+        "TAP2NET 1: IPv4 10.0.0.2 > 10.0.0.1 ICMP echo-request id=7 seq=1 (84 bytes)",
+        "TAP2NET 1: Written 84 bytes to the network",
+        "NET2TAP 1: Read 33 bytes from the network",
+        "NET2TAP 1: IPv4 10.0.0.2 > 10.0.0.1 UDP 40000 > 7777 len=5 (33 bytes)",
+        "NET2TAP 1: Written 33 bytes to the tap interface",
+    ]
+
+
+@pytest.mark.parametrize("debug", [0, 1])
+def test_below_debug_twice_no_packet_is_decoded(rig, monkeypatch, debug):
+    def refuse(*args):
+        raise AssertionError("describe() called at -d level %d" % debug)
+    monkeypatch.setattr(simpletun, "describe", refuse)
+    r = rig(debug=debug)
+    r.kernel.send(ECHO_REQUEST)
+    r.peer.sendall(frame(UDP_PACKET))
+    assert r.frames_from_peer(1) == [ECHO_REQUEST]
+    assert r.kernel.recv(65536) == UDP_PACKET
+    r.finish()
+    assert r.error is None
 
 
 def test_refused_packet_is_logged_once_dropped_and_tunnel_carries_on(rig, caplog):
@@ -722,3 +857,123 @@ def test_user_errors_are_one_line_and_exit_1(lab, setup, side, args, says):
     assert result.returncode == 1
     assert says in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Teaching features end to end: --addr/--mtu, --demo (root)
+# ---------------------------------------------------------------------------------------
+
+def link_info(lab, side, device):
+    """What `ip -j addr show` reports for a device: a dict with mtu, flags and addr_info."""
+    out = lab.ip("-n", lab.ns[side], "-j", "addr", "show", "dev", device).stdout
+    return json.loads(out)[0]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("mode", [[], ["-a"]])
+def test_addr_and_mtu_configure_the_device_as_ip_reports_it(lab, mode):
+    server = lab.tunnel("s", "-i", "st0", "--addr", "10.7.1.1/20", "--mtu", "1400", "-d", *mode)
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    info = link_info(lab, "s", "st0")
+    assert info["mtu"] == 1400
+    assert "UP" in info["flags"]
+    assert [(a["local"], a["prefixlen"]) for a in info["addr_info"] if a["family"] == "inet"] == [("10.7.1.1", 20)]
+    assert "Configured st0: MTU 1400, address 10.7.1.1/20, up" in log_of(server)
+
+
+@pytest.mark.netns
+def test_without_addr_a_configured_device_keeps_its_configuration(lab):
+    ns = lab.ns["s"]
+    lab.ip("-n", ns, "tuntap", "add", "dev", "tun4", "mode", "tun")
+    lab.ip("-n", ns, "addr", "add", "10.8.0.1/16", "dev", "tun4")
+    lab.ip("-n", ns, "link", "set", "tun4", "mtu", "1300")
+    before = link_info(lab, "s", "tun4")
+    server = lab.tunnel("s", "-i", "tun4", "-d")
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    after = link_info(lab, "s", "tun4")
+    assert (after["mtu"], after["flags"], after["addr_info"]) == (before["mtu"], before["flags"], before["addr_info"])
+    assert "UP" not in after["flags"]
+
+
+@pytest.mark.netns
+def test_addr_lets_two_ends_talk_without_ip_commands(lab):
+    server = lab.tunnel("s", "-i", "tun0", "--addr", "10.9.0.1/24", "-d")
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    lab.tunnel("c", "-i", "tun0", "--addr", "10.9.0.2/24", "-d")
+    lab.echo("s")
+    assert tunnel_passes(lab, "c")
+
+
+@pytest.mark.netns
+def test_mtu_the_kernel_refuses_is_one_line(lab):
+    result = subprocess.run(["ip", "netns", "exec", lab.ns["s"], sys.executable, SCRIPT, "-i", "tap3", "-a",
+                             "-s", "--mtu", "65535"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert "simpletun.py: error: cannot set the MTU 65535 of tap3: Invalid argument" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def demo_namespaces():
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.startswith(simpletun.DEMO_PREFIX)]
+
+
+@pytest.fixture
+def clean_demo(tmp_path):
+    """Root and ip for --demo; afterwards remove whatever a failed demo left (our own names only)."""
+    reason = netns_unavailable()
+    if reason:
+        skip_or_fail(reason)
+    before = set(demo_namespaces())
+    yield
+    for name in set(demo_namespaces()) - before:
+        subprocess.run(["ip", "netns", "del", name])
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("mode, device", [([], "tun0"), (["-a"], "tap0")])
+def test_demo_shows_pings_crossing_and_leaves_nothing_behind(clean_demo, mode, device):
+    # A namespace as a killed demo would leave it: named after a process that no longer exists.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = "%s%d-s" % (simpletun.DEMO_PREFIX, dead.pid)
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+
+    result = run_script("--demo", *mode, timeout=60)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "removed %s, left behind by an earlier demo" % stale in out
+    assert "reply from 10.0.0.1: icmp_seq=%d" % simpletun.DEMO_PINGS in out
+    for side, direction, what in (("client", "TAP2NET", "echo-request"), ("server", "NET2TAP", "echo-request"),
+                                  ("server", "TAP2NET", "echo-reply"), ("client", "NET2TAP", "echo-reply")):
+        assert re.search(r"^%s *\| %s \d+: IPv4 10\.0\.0\.\d > 10\.0\.0\.\d ICMP %s" % (side, direction, what),
+                         out, re.M), (side, direction, what)
+    if mode:
+        assert re.search(r"^server *\| NET2TAP \d+: ARP who-has 10\.0\.0\.1 tell 10\.0\.0\.2", out, re.M)
+    assert "server| Configured %s: address 10.0.0.1/24, up" % device in out
+    assert demo_namespaces() == []
+    assert "demo: all %d echo requests crossed the tunnel" % simpletun.DEMO_PINGS in out
+
+
+def test_demo_without_root_says_what_it_needs():
+    if os.geteuid() == 0:
+        status, stderr = run_main_as_nobody("--demo")
+    else:
+        result = run_script("--demo")
+        status, stderr = result.returncode, result.stderr
+    assert status == 1
+    assert "--demo needs root" in stderr
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--demo", "-s"], "--demo sets up both ends itself"),
+    (["-i", "tun0", "-s", "--addr", "10.0.0.1"], "not an IPv4 address/prefix such as 10.0.0.1/24"),
+    (["-i", "tun0", "-s", "--addr", "fd00::1/64"], "not an IPv4 address/prefix"),
+    (["-i", "tun0", "-s", "--addr", "10.0.0.300/24"], "not an IPv4 address/prefix"),
+    (["-i", "tun0", "-s", "--mtu", "67"], "an MTU is a number from 68 to 65535, not '67'"),
+    (["-i", "tun0", "-s", "--mtu", "big"], "an MTU is a number from 68 to 65535"),
+])
+def test_teaching_flags_usage_errors(args, reason):
+    result = run_script(*args)
+    assert result.returncode == 2
+    assert reason in result.stderr
