@@ -11,6 +11,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -200,9 +201,10 @@ def test_describe_never_raises_on_random_bytes():
 class Rig:
     """relay() running in a thread between a stand-in device and a stand-in TCP link."""
 
-    def __init__(self, debug=0):
+    def __init__(self, debug=0, link=None, peer=None, listener=None):
         self.device, self.kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.link, self.peer = socket.socketpair()
+        self.link, self.peer = (link, peer) if link else socket.socketpair()
+        self.listener = listener
         for end in (self.kernel, self.peer):
             end.settimeout(TIMEOUT)
         self.device.setblocking(False)
@@ -214,7 +216,7 @@ class Rig:
 
     def _run(self):
         try:
-            simpletun.relay(self.tunnel, self.link)
+            simpletun.relay(self.tunnel, self.link, self.listener)
         except Exception as err:  # handed to the test, which asserts on it
             self.error = err
 
@@ -977,3 +979,293 @@ def test_teaching_flags_usage_errors(args, reason):
     result = run_script(*args)
     assert result.returncode == 2
     assert reason in result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Security: the deframer under fuzzing, TLS, a silent client, --bind
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_deframer_fuzzed_with_random_bytes_raises_only_frame_error_and_stays_bounded(seed):
+    rng = random.Random(seed)
+    for case in range(1000):
+        deframer = Deframer()
+        stream = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 3000)))
+        if case % 3 == 0:  # sometimes lengths near the maximum
+            stream = b"\xff\xff" + stream
+        position = 0
+        while position < len(stream):
+            chunk = stream[position:position + rng.randrange(1, 700)]
+            position += len(chunk)
+            for packet in deframer.feed(chunk):
+                assert len(packet) <= simpletun.MAX_FRAME
+            assert len(deframer.pending) < HEADER.size + simpletun.MAX_FRAME
+        try:
+            deframer.close()
+        except FrameError:
+            pass  # its own named error is the only one allowed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_deframer_fuzzed_with_random_splits_returns_every_packet_whole(seed):
+    rng = random.Random(100 + seed)
+    for case in range(500):
+        packets = [bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 2, rng.randrange(1600)])))
+                   for _ in range(rng.randrange(1, 8))]
+        wire = b"".join(frame(p) for p in packets)
+        deframer, out, position = Deframer(), [], 0
+        while position < len(wire):
+            size = rng.randrange(1, 64) if rng.random() < 0.7 else rng.randrange(1, len(wire) + 1)
+            out += deframer.feed(wire[position:position + size])
+            position += size
+        deframer.close()
+        assert out == packets
+
+
+def make_certificate(path, name="simpletun"):
+    """One PEM file with a self-signed certificate and its key: the README's openssl command."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "30", "-subj", "/CN=" + name, "-keyout", str(path), "-out", str(path)],
+                   check=True, capture_output=True, timeout=TIMEOUT)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """Two unrelated certificate+key files, 'a' and 'b'."""
+    if not shutil.which("openssl"):
+        skip_or_fail("needs the openssl command to make certificates")
+    where = tmp_path_factory.mktemp("certs")
+    return {name: make_certificate(where / (name + ".pem"), name) for name in ("a", "b")}
+
+
+def tls_link(server_file, client_file, server_peer=None, client_peer=None):
+    """A connected pair of TLS sockets made by simpletun.secure(): (server end, client end)."""
+    a, b = socket.socketpair()
+    server_tls = simpletun.tls_context(True, server_file, server_peer)
+    client_tls = simpletun.tls_context(False, client_file, client_peer)
+    result = {}
+
+    def server_side():
+        try:
+            result["server"] = simpletun.secure(a, server_tls, server_side=True)
+        except simpletun.PeerRefused as err:
+            result["server"] = err
+    thread = threading.Thread(target=server_side)
+    thread.start()
+    try:
+        result["client"] = simpletun.secure(b, client_tls, server_side=False)
+    except simpletun.PeerRefused as err:
+        result["client"] = err
+    thread.join(TIMEOUT)
+    return result["server"], result["client"]
+
+
+def test_tls_link_carries_frames_both_ways(certs, rig):
+    link, peer = tls_link(certs["a"], certs["a"])
+    assert link.version() in ("TLSv1.3", "TLSv1.2")
+    peer.setblocking(True)
+    r = rig(link=link, peer=peer)
+    packets = [bytes([i]) * (100 + i * 13) for i in range(200)]
+    for packet in packets:
+        r.kernel.send(packet)
+    assert r.frames_from_peer(len(packets)) == packets
+    back = packets[:40]  # no more than the stand-in device's buffer holds unread
+    r.peer.sendall(b"".join(frame(p) for p in back))
+    assert [r.kernel.recv(65536) for _ in back] == back
+
+
+def test_tls_bytes_already_decrypted_are_relayed_without_waiting_for_the_socket(certs, rig, monkeypatch):
+    # Receiving 100 bytes at a time leaves the rest of each TLS record decrypted inside the TLS
+    # object, where select() cannot see it: the loop must carry on with it by itself.
+    monkeypatch.setattr(simpletun, "RECV_SIZE", 100)
+    link, peer = tls_link(certs["a"], certs["a"])
+    peer.setblocking(True)
+    r = rig(link=link, peer=peer)
+    packets = [b"p%d" % i + b"." * 80 for i in range(20)]
+    r.peer.sendall(b"".join(frame(p) for p in packets))  # one write: one TLS record
+    assert [r.kernel.recv(65536) for _ in packets] == packets
+
+
+def der_of(pem_file):
+    with open(pem_file) as f:
+        return ssl.PEM_cert_to_DER_cert(simpletun.PEM_CERTIFICATE.search(f.read()).group())
+
+
+def test_tls_peer_with_another_certificate_is_refused(certs):
+    server, client = tls_link(certs["a"], certs["b"])
+    # TLS 1.3: the client checks the server's certificate during the handshake (and refuses it);
+    # either way at least one end refuses, saying it is about the certificate.
+    refusals = [str(x) for x in (server, client) if isinstance(x, simpletun.PeerRefused)]
+    assert refusals
+    assert all("certificate" in said for said in refusals), refusals
+
+
+def test_tls_peer_names_the_one_certificate_each_end_accepts(certs):
+    server, client = tls_link(certs["a"], certs["b"], server_peer=certs["b"], client_peer=certs["a"])
+    assert not isinstance(server, Exception) and not isinstance(client, Exception)
+    assert server.getpeercert(binary_form=True) == der_of(certs["b"])
+    assert client.getpeercert(binary_form=True) == der_of(certs["a"])
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "no such file"),
+    ("hello\n", "not a PEM file holding a certificate and its private key"),
+    ("KEY_ONLY", "not a PEM file holding a certificate and its private key"),
+    ("CERT_ONLY", "not a PEM file holding a certificate and its private key"),
+])
+def test_unusable_tls_file_is_one_line(certs, tmp_path, content, says):
+    path = tmp_path / "tunnel.pem"
+    if content is not None:
+        pem = open(certs["a"]).read()
+        key = pem[:pem.index("-----BEGIN CERTIFICATE-----")]
+        cert = simpletun.PEM_CERTIFICATE.search(pem).group()
+        path.write_text({"KEY_ONLY": key, "CERT_ONLY": cert}.get(content, content))
+    with pytest.raises(simpletun.UserError, match=re.escape(says)):
+        simpletun.tls_context(True, str(path))
+
+
+def test_unreadable_tls_file_is_one_line_and_exit_1(certs, tmp_path):
+    secret = tmp_path / "secret.pem"
+    shutil.copy(certs["a"], secret)
+    os.chmod(secret, 0)
+    if os.geteuid() == 0:
+        os.chmod(tmp_path, 0o755)  # nobody may enter the folder, not read the file
+        status, stderr = run_main_as_nobody("-i", "tun0", "-s", "--tls", str(secret))
+    else:
+        result = run_script("-i", "tun0", "-s", "--tls", str(secret))
+        status, stderr = result.returncode, result.stderr
+    assert status == 1
+    assert stderr.strip() == "simpletun.py: error: --tls %s: cannot read it (permission denied)" % secret
+
+
+def test_peer_certificate_file_without_a_certificate_is_one_line(certs, tmp_path):
+    junk = tmp_path / "peer.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(simpletun.UserError, match=re.escape("--tls-peer %s: not a PEM file holding a certificate"
+                                                            % junk)):
+        simpletun.tls_context(False, certs["a"], str(junk))
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["-i", "tun0", "-s", "--tls-peer", "x.pem"], "--tls-peer needs --tls FILE"),
+    (["-i", "tun0", "-c", "h", "--bind", "127.0.0.1"], "--bind is for the server (-s)"),
+])
+def test_security_flags_usage_errors(args, reason):
+    result = run_script(*args)
+    assert result.returncode == 2
+    assert reason in result.stderr
+
+
+def test_silent_client_gives_its_place_to_a_waiting_one(rig, monkeypatch):
+    monkeypatch.setattr(simpletun, "FIRST_FRAME_GRACE", 0.3)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        r = rig(listener=listener)
+        time.sleep(0.5)
+        assert r.thread.is_alive()  # nobody waiting: the silent client keeps its place
+        with socket.create_connection(listener.getsockname()):
+            r.thread.join(TIMEOUT)
+            assert isinstance(r.error, simpletun.PeerRefused)
+            assert "sent no frame in" in str(r.error)
+
+
+def test_client_that_sent_a_frame_keeps_its_place(rig, monkeypatch):
+    monkeypatch.setattr(simpletun, "FIRST_FRAME_GRACE", 0.3)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        r = rig(listener=listener)
+        r.peer.sendall(frame(b"\x45" * 40))
+        assert r.kernel.recv(65536) == b"\x45" * 40
+        with socket.create_connection(listener.getsockname()):
+            time.sleep(0.6)
+            assert r.thread.is_alive() and r.error is None
+
+
+RECORDING_PROXY = """
+import select, socket, sys
+# Forward one TCP connection from 127.0.0.1:6000 to the server; write every byte seen to a file.
+listen_port, server, record = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+with socket.create_server(("127.0.0.1", listen_port)) as l, open(record, "wb") as seen:
+    print("ready", flush=True)
+    a, _ = l.accept()
+    b = socket.create_connection((server, 55555))
+    while True:
+        for s in select.select([a, b], [], [])[0]:
+            data = s.recv(65536)
+            if not data:
+                sys.exit(0)
+            seen.write(data)
+            seen.flush()
+            (b if s is a else a).sendall(data)
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("tls", [False, True])
+def test_underlay_carries_plaintext_only_without_tls(lab, certs, tls):
+    record = lab.tmp / "underlay.bytes"
+    tls_args = ["--tls", certs["a"]] if tls else []
+    server = lab.tunnel("s", "-i", "tun0", "--addr", "10.9.0.1/24", "-d", *tls_args)
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    proxy = lab.spawn("c", [sys.executable, "-c", RECORDING_PROXY, "6000", lab.SERVER_IP, str(record)], "proxy.log")
+    wait_for(lambda: "ready" in log_of(proxy), "the recording proxy")
+    lab.spawn("c", [sys.executable, "-u", SCRIPT, "-i", "tun0", "-c", "127.0.0.1", "-p", "6000",
+                    "--addr", "10.9.0.2/24", "-d"] + tls_args, "client.log")
+    lab.echo("s")
+    assert tunnel_passes(lab, "c")
+    assert lab.probe("c", count=3) == 3
+    seen = record.read_bytes()
+    assert len(seen) > 300
+    # UDP_PROBE's messages start "probe N "; in clear they are there for anyone on the path to read.
+    assert (b"probe 1 " in seen) == (not tls)
+    if tls:
+        assert "SERVER: TLSv1.3 with the pinned peer" in log_of(server)
+
+
+@pytest.mark.netns
+def test_tls_server_refuses_wrong_peers_and_keeps_serving(lab, certs):
+    server = lab.tunnel("s", "-i", "tun0", "--addr", "10.9.0.1/24", "-d", "--tls", certs["a"])
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+
+    started = time.monotonic()
+    wrong = lab.tunnel("c", "-i", "tun0", "--tls", certs["b"])
+    assert wrong.wait(TIMEOUT) == 1
+    assert "certificate" in log_of(wrong)
+    wait_for(lambda: "SERVER: refused %s" % lab.CLIENT_IP in log_of(server), "the server to log the refusal")
+    assert "certificate" in log_of(server).split("SERVER: refused", 1)[1].splitlines()[0]
+
+    plain = lab.tunnel("c", "-i", "tun0")
+    wait_for(lambda: log_of(server).count("SERVER: refused") == 2, "the plaintext client to be refused",
+             timeout=simpletun.HANDSHAKE_TIMEOUT + 5)
+    plain.wait(TIMEOUT)
+    assert "if it runs with --tls, this end needs --tls too" in log_of(plain)
+    assert time.monotonic() - started < 2 * simpletun.HANDSHAKE_TIMEOUT + 5
+
+    assert server.poll() is None
+    lab.tunnel("c", "-i", "tun0", "--addr", "10.9.0.2/24", "--tls", certs["a"])
+    lab.echo("s")
+    assert tunnel_passes(lab, "c")
+
+
+@pytest.mark.netns
+def test_tls_client_against_plaintext_server_says_so_on_both_ends(lab, certs):
+    server = lab.tunnel("s", "-i", "tun0", "-d")
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    client = lab.tunnel("c", "-i", "tun0", "--tls", certs["a"])
+    assert client.wait(simpletun.HANDSHAKE_TIMEOUT + TIMEOUT) == 1
+    assert "no TLS handshake within %d s: does the peer run with --tls?" % simpletun.HANDSHAKE_TIMEOUT \
+        in log_of(client)
+    wait_for(lambda: "it began like a TLS handshake" in log_of(server), "the server to name the cause")
+    assert server.poll() is None
+
+
+@pytest.mark.netns
+def test_bind_listens_on_one_address_only(lab):
+    server = lab.tunnel("s", "-i", "tun0", "--bind", lab.SERVER_IP, "-d")
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    listening = lab.ip("netns", "exec", lab.ns["s"], "ss", "-Hltn").stdout.split()
+    assert "%s:55555" % lab.SERVER_IP in listening
+    assert not [a for a in listening if a.endswith(":55555") and a != "%s:55555" % lab.SERVER_IP]
+    result = subprocess.run(["ip", "netns", "exec", lab.ns["s"], sys.executable, SCRIPT, "-i", "tun1", "-s",
+                             "--bind", "10.99.99.99"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert "cannot listen on 10.99.99.99: no interface has that address" in result.stderr
