@@ -724,17 +724,17 @@ def relay(tunnel, sock, listener=None):
         if out:  # send right away, in the same wake-up: a frame never waits for the next one
             send_queued(sock, out)
 
+        if sock in readable or decrypted_waiting(sock):
+            data = receive(sock, inbox)
+            if data is not None and not data:  # the end of the stream
+                deframer.close()
+                return
+            if data:
+                net2tap(tunnel, deframer.feed(data))
+
         if listener in readable and not deframer.frames:
             raise PeerRefused("dropped a client that sent no frame in %d s: another client is waiting"
                               % FIRST_FRAME_GRACE)
-        if sock in readable or decrypted_waiting(sock):
-            data = receive(sock, inbox)
-            if data is None:
-                continue
-            if not data:
-                deframer.close()
-                return
-            net2tap(tunnel, deframer.feed(data))
 
 
 # ---------------------------------------------------------------------------------------
