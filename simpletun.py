@@ -23,8 +23,16 @@ Nothing else is ever sent -- no greeting, no options, no checksum (TCP has one).
     |  length (2 B)   |  packet (length bytes)       |
     +--------+--------+------------------------------+
 
-WARNING: this tunnel protects nothing. Packets cross the network in clear, and anyone
-who can reach the server's port becomes a host on your private network.
+WARNING: without --tls this tunnel protects nothing. Packets cross the network in clear,
+and anyone who can reach the server's port becomes a host on your private network. With
+--tls the frames travel inside TLS, and only a peer holding the pinned certificate's key
+gets in.
+
+The file reads in the order a packet travels:
+    1. constants   2. the device (tun_alloc)   3. the TCP link (+ 3b. TLS)
+    4. framing     5. what a packet is (-dd)   6. the two directions (tap2net, net2tap)
+    7. the select loop (relay)                 8. server and client
+    9. the one-machine demo                    10. the command line (main)
 """
 
 import argparse
