@@ -71,7 +71,6 @@ PORT = 55555  # the original's default port
 # linux/if_tun.h and linux/if.h
 TUN_CLONE_DEVICE = "/dev/net/tun"  # open it, then TUNSETIFF turns the fd into one device's fd
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int): attach this fd to the device named in a struct ifreq
-TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int): read back the name and flags the fd has
 IFF_TUN = 0x0001  # layer 3: the fd carries bare IP packets
 IFF_TAP = 0x0002  # layer 2: the fd carries whole Ethernet frames
 IFF_NO_PI = 0x1000  # drop the 4-byte "packet information" header (flags, EtherType) the kernel
@@ -151,12 +150,6 @@ def tun_alloc(name, flags, clone_device=TUN_CLONE_DEVICE):
     except OSError as err:
         os.close(fd)
         raise UserError(explain_tunsetiff(name, flags, err)) from None
-    # Some kernels let a tun request attach to an existing tap device (or the reverse) and keep
-    # the device's own mode: ask which one we got rather than send frames the peer cannot read.
-    got = IFREQ_FLAGS.unpack(fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ_FLAGS.size)))[1]
-    if got & (IFF_TUN | IFF_TAP) != flags:
-        os.close(fd)
-        raise UserError(explain_tunsetiff(name, flags, OSError(errno.EINVAL, "wrong mode")))
     # Non-blocking, so that TAP2NET can read "until the device is empty" and never sleep there.
     os.set_blocking(fd, False)
     return fd, IFREQ_FLAGS.unpack(ifreq)[0].rstrip(b"\0").decode()
