@@ -273,11 +273,16 @@ def peer_address(sock):
 
 
 def accept_client(listener):
-    """Wait for the next client and return its tuned socket."""
+    """Wait for the next client; return its tuned socket and its address."""
     sock, _ = listener.accept()
-    tune_link(sock)
-    log.debug("SERVER: Client connected from %s", peer_address(sock))
-    return sock
+    try:
+        tune_link(sock)
+        address = peer_address(sock)
+    except OSError:  # it reset the connection before we got to it
+        sock.close()
+        raise
+    log.debug("SERVER: Client connected from %s", address)
+    return sock, address
 
 
 def connect_to(host, port):
@@ -767,9 +772,13 @@ def serve(tunnel, args, tls=None):
     with listen_on(args.port, args.bind) as listener:
         log.debug("SERVER: listening on port %d", args.port)
         while True:
-            with accept_client(listener) as sock:
+            try:
+                sock, address = accept_client(listener)
+            except OSError as err:
+                log.warning("SERVER: a client left before its connection started: %s", err.strerror or err)
+                continue
+            with sock:
                 if tls:
-                    address = peer_address(sock)
                     try:
                         sock = secure(sock, tls, server_side=True)
                     except PeerRefused as err:

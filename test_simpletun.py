@@ -1,6 +1,7 @@
 """Tests for simpletun.py, fastest first: framing, the relay loop with stand-in fds,
 the command line, and end to end with real devices in network namespaces (root only)."""
 
+import argparse
 import errno
 import itertools
 import json
@@ -555,9 +556,32 @@ def test_server_accepts_a_client_over_ipv4_and_ipv6_loopback():
     with simpletun.listen_on(0) as listener:
         port = listener.getsockname()[1]
         for host, expected in (("127.0.0.1", "127.0.0.1"), ("::1", "::1")):
-            with simpletun.connect_to(host, port) as client, simpletun.accept_client(listener) as served:
-                assert simpletun.peer_address(served) == expected
-                assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            with simpletun.connect_to(host, port) as client:
+                served, address = simpletun.accept_client(listener)
+                with served:
+                    assert address == simpletun.peer_address(served) == expected
+                    assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_server_survives_a_client_that_resets_before_it_is_served():
+    # Linux still hands such a connection to accept(), but it has no peer address any more.
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.settimeout(TIMEOUT)
+    device.setblocking(False)
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    args = argparse.Namespace(port=port, bind="127.0.0.1")
+    server = threading.Thread(target=simpletun.serve, args=(Tunnel(device.fileno(), "tun9"), args), daemon=True)
+    server.start()
+    wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, "the server to listen")
+    time.sleep(0.2)  # let the server take that probe connection and see it close
+    gone = socket.create_connection(("127.0.0.1", port))
+    gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    gone.close()  # linger 0: a reset
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(frame(b"\x45" * 40))
+        assert kernel.recv(65536) == b"\x45" * 40
+    assert server.is_alive()
 
 
 # ---------------------------------------------------------------------------------------
