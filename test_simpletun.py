@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -400,6 +401,23 @@ def test_burst_of_packets_arrives_whole_and_in_order(rig):
     received = r.frames_from_peer(len(packets))
     writer.join(TIMEOUT)
     assert received == packets
+
+
+def test_idle_tunnel_sleeps_in_select_without_a_timeout(rig, monkeypatch):
+    timeouts = []
+
+    def watched_select(readers, writers, errors, timeout=None):
+        timeouts.append(timeout)
+        return select.select(readers, writers, errors, timeout)
+    monkeypatch.setattr(simpletun, "select", types.SimpleNamespace(select=watched_select))
+    r = rig()
+    time.sleep(0.5)  # idle
+    r.kernel.send(b"\x45" * 60)
+    assert r.frames_from_peer(1) == [b"\x45" * 60]
+    time.sleep(0.5)  # idle again
+    r.finish()
+    assert timeouts and set(timeouts) == {None}
+    assert len(timeouts) < 10  # a handful of wake-ups for one packet, not a polling loop
 
 
 def test_peer_that_stops_reading_does_not_grow_the_outgoing_buffer(rig):
