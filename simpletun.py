@@ -1040,11 +1040,12 @@ def parse_args(argv=None):
     """Read the command line: the original's flags, with long forms."""
     parser = argparse.ArgumentParser(
         prog="simpletun.py",
-        description="A tun/tap tunnel over TCP: packets read from the device travel to the peer "
-                    "as a 2-byte length and the bytes, and are written to its device.",
-        epilog="example: on host A  sudo ./simpletun.py -i tun0 -s\n"
-               "         on host B  sudo ./simpletun.py -i tun0 -c HOST_A\n"
-               "then give both tun0 an address in one private subnet and bring them up.",
+        description="A tun/tap tunnel over TCP: each packet read from the device travels to the\n"
+                    "peer as a 2-byte length and the packet, and is written to the peer's device.",
+        epilog="examples:\n"
+               "  sudo ./simpletun.py --demo                                 the whole tunnel on this machine\n"
+               "  sudo ./simpletun.py -i tun0 -s --addr 10.0.0.1/24          on host A\n"
+               "  sudo ./simpletun.py -i tun0 -c HOST_A --addr 10.0.0.2/24   on host B, then: ping 10.0.0.1",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", "--iface", metavar="NAME", type=interface_name,
                         help="tun/tap interface to use, made if it does not exist (required)")
