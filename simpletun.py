@@ -597,18 +597,20 @@ def describe_transport(protocol, payload, icmp_types):
 
 def tap2net(tunnel, out):
     """TAP2NET: read packets from the device until it is empty (or a batch is full); queue them framed."""
+    fd, debug = tunnel.fd, tunnel.debug  # looked up once per batch, not once per packet
     for _ in range(MAX_BATCH):
         try:
-            packet = os.read(tunnel.fd, MAX_DEVICE_PACKET)
+            packet = os.read(fd, MAX_DEVICE_PACKET)
         except BlockingIOError:
             return
         except OSError as err:  # EBADFD: the device was deleted under us; nothing more will come
             raise UserError("cannot read from %s: %s (was the device removed?)"
                             % (tunnel.name, err.strerror)) from None
+        size = len(packet)
         tunnel.tap2net += 1
-        if tunnel.debug:
-            log.debug("TAP2NET %d: Read %d bytes from the tap interface", tunnel.tap2net, len(packet))
-            if tunnel.debug > 1:
+        if debug:
+            log.debug("TAP2NET %d: Read %d bytes from the tap interface", tunnel.tap2net, size)
+            if debug > 1:
                 log.debug("TAP2NET %d: %s", tunnel.tap2net, describe(packet, tunnel.tap))
         try:
             out += frame(packet)
@@ -616,37 +618,40 @@ def tap2net(tunnel, out):
             tunnel.dropped += 1
             log.warning("TAP2NET %d: dropped: %s (lower the MTU of %s)", tunnel.tap2net, err, tunnel.name)
             continue
-        tunnel.tap2net_bytes += len(packet)
-        if tunnel.debug:
-            log.debug("TAP2NET %d: Written %d bytes to the network", tunnel.tap2net, len(packet))
+        tunnel.tap2net_bytes += size
+        if debug:
+            log.debug("TAP2NET %d: Written %d bytes to the network", tunnel.tap2net, size)
         if len(out) >= OUT_LIMIT:
             return
 
 
 def net2tap(tunnel, packets):
     """NET2TAP: write each packet to the device, one write per packet (the device takes one per write)."""
+    fd, debug = tunnel.fd, tunnel.debug
     for packet in packets:
+        size = len(packet)
         tunnel.net2tap += 1
-        if tunnel.debug:
-            log.debug("NET2TAP %d: Read %d bytes from the network", tunnel.net2tap, len(packet))
-            if tunnel.debug > 1 and packet:
+        if debug:
+            log.debug("NET2TAP %d: Read %d bytes from the network", tunnel.net2tap, size)
+            if debug > 1 and size:
                 log.debug("NET2TAP %d: %s", tunnel.net2tap, describe(packet, tunnel.tap))
-        if not packet:  # the kernel would refuse it; the C original would die on it
-            log.debug("NET2TAP %d: skipped an empty frame", tunnel.net2tap)
+        if not size:  # the kernel would refuse it; the C original would die on it
+            if debug:
+                log.debug("NET2TAP %d: skipped an empty frame", tunnel.net2tap)
             continue
         try:
             # A tun/tap write takes the whole packet or fails: there is no short write to resume.
-            os.write(tunnel.fd, packet)
+            os.write(fd, packet)
         except OSError as err:
-            note_refusal(tunnel, len(packet), err)
+            note_refusal(tunnel, size, err)
             continue
         if tunnel.refusing:
             log.warning("NET2TAP %d: %s accepts packets again (%d refused before this one)",
                         tunnel.net2tap, tunnel.name, tunnel.refusing)
             tunnel.refusing = 0
-        tunnel.net2tap_bytes += len(packet)
-        if tunnel.debug:
-            log.debug("NET2TAP %d: Written %d bytes to the tap interface", tunnel.net2tap, len(packet))
+        tunnel.net2tap_bytes += size
+        if debug:
+            log.debug("NET2TAP %d: Written %d bytes to the tap interface", tunnel.net2tap, size)
 
 
 REFUSAL_HINTS = {
