@@ -295,7 +295,7 @@ def connect_to(host, port):
         raise UserError("connection to %s port %d refused: is the server running "
                         "(simpletun.py -s)?" % (host, port)) from None
     except socket.timeout:
-        raise UserError("connection to %s port %d timed out after %d s"
+        raise UserError("connection to %s port %d timed out after %g s"
                         % (host, port, CONNECT_TIMEOUT)) from None
     except OSError as err:
         raise UserError("cannot connect to %s port %d: %s" % (host, port, err.strerror)) from None

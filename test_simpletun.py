@@ -570,6 +570,17 @@ def test_connection_refused_is_a_user_error():
         simpletun.connect_to("127.0.0.1", port)
 
 
+def test_connection_timeout_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(simpletun, "CONNECT_TIMEOUT", 0.5)
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)  # room for one waiting connection; the kernel drops SYNs beyond it
+        port = full.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            with pytest.raises(simpletun.UserError, match="port %d timed out after" % port):
+                simpletun.connect_to("127.0.0.1", port)
+
+
 def test_server_accepts_a_client_over_ipv4_and_ipv6_loopback():
     with simpletun.listen_on(0) as listener:
         port = listener.getsockname()[1]
