@@ -946,7 +946,7 @@ def demo(tap):
           % (ns["server"], DEMO_UNDERLAY["server"], device, DEMO_TUNNEL["server"],
              ns["client"], DEMO_UNDERLAY["client"], device, DEMO_TUNNEL["client"],
              mode, DEMO_TUNNEL["server"], DEMO_TUNNEL["client"], target), flush=True)
-    running = []
+    running, crossed = [], False
     try:
         for name in ns.values():
             ip_command("netns", "add", name)
@@ -973,6 +973,9 @@ def demo(tap):
         process, thread = start_labelled(ns["client"], "ping", pinger)
         crossed = process.wait() == 0
         thread.join()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: clean up all the same, and say so
+        print("demo: interrupted", flush=True)
+        return 1
     finally:
         for process, _ in running:  # both ends print their summary line on SIGTERM
             if process.poll() is None:

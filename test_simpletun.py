@@ -1010,6 +1010,33 @@ def test_demo_shows_pings_crossing_and_leaves_nothing_behind(clean_demo, mode, d
     assert "demo: all %d echo requests crossed the tunnel" % simpletun.DEMO_PINGS in out
 
 
+@pytest.mark.netns
+def test_demo_interrupted_cleans_up_and_exits_1(clean_demo):
+    demo = subprocess.Popen([sys.executable, "-u", SCRIPT, "--demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in demo.stdout:
+        seen.append(line)
+        if "CLIENT: Connected" in line:
+            demo.send_signal(signal.SIGINT)
+            break
+    out = "".join(seen) + demo.stdout.read()
+    assert demo.wait(TIMEOUT * 2) == 1, out
+    assert "demo: interrupted" in out
+    assert "demo: removed both namespaces" in out
+    assert demo_namespaces() == []
+
+
+def test_demo_without_ip_says_what_it_needs():
+    if os.geteuid() != 0:
+        pytest.skip("the root check comes first")
+    result = subprocess.run([sys.executable, SCRIPT, "--demo"], capture_output=True, text=True,
+                            timeout=TIMEOUT, env=dict(os.environ, PATH="/nonexistent"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("simpletun.py: error: --demo needs the ip command from iproute2 "
+                                     "(apt install iproute2)")
+
+
 def test_demo_without_root_says_what_it_needs():
     if os.geteuid() == 0:
         status, stderr = run_main_as_nobody("--demo")
