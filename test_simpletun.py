@@ -1349,3 +1349,26 @@ def test_bind_listens_on_one_address_only(lab):
                              "--bind", "10.99.99.99"], capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 1
     assert "cannot listen on 10.99.99.99: no interface has that address" in result.stderr
+
+
+SILENT_CLIENT = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 55555))
+print("connected", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.netns
+def test_silent_plaintext_client_gives_its_place_to_a_real_one(lab):
+    server = lab.tunnel("s", "-i", "tun0", "--addr", "10.9.0.1/24", "-d")
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    silent = lab.spawn("c", [sys.executable, "-c", SILENT_CLIENT, lab.SERVER_IP], "silent.log")
+    wait_for(lambda: "connected" in log_of(silent), "the silent client to connect")
+    started = time.monotonic()
+    lab.tunnel("c", "-i", "tun0", "--addr", "10.9.0.2/24", "-d")
+    lab.echo("s")
+    wait_for(lambda: lab.probe("c", count=1, wait=0.5) == 1, "the real client to be served",
+             timeout=simpletun.FIRST_FRAME_GRACE + 10)
+    assert time.monotonic() - started < simpletun.FIRST_FRAME_GRACE + 10
+    assert "dropped a client that sent no frame in %d s" % simpletun.FIRST_FRAME_GRACE in log_of(server)
