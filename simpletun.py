@@ -1012,15 +1012,17 @@ def interface_name(text):
     return text
 
 
-def port_number(text):
-    """argparse type: a TCP port, 1 to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = 0
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError("a port is a number from 1 to 65535, not %r" % text)
-    return port
+def number_between(low, high, name):
+    """An argparse type: a whole number from `low` to `high`, called `name` in the error."""
+    def parse(text):
+        try:
+            number = int(text)
+        except ValueError:
+            number = low - 1
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError("%s is a number from %d to %d, not %r" % (name, low, high, text))
+        return number
+    return parse
 
 
 def ipv4_interface(text):
@@ -1031,17 +1033,6 @@ def ipv4_interface(text):
         return ipaddress.IPv4Interface(text)
     except ValueError:
         raise argparse.ArgumentTypeError("not an IPv4 address/prefix such as 10.0.0.1/24: %r" % text) from None
-
-
-def mtu_size(text):
-    """argparse type: an MTU the device can take."""
-    try:
-        mtu = int(text)
-    except ValueError:
-        mtu = 0
-    if not MIN_MTU <= mtu <= MAX_MTU:
-        raise argparse.ArgumentTypeError("an MTU is a number from %d to %d, not %r" % (MIN_MTU, MAX_MTU, text))
-    return mtu
 
 
 def parse_args(argv=None):
@@ -1060,7 +1051,7 @@ def parse_args(argv=None):
     role = parser.add_mutually_exclusive_group()
     role.add_argument("-s", "--server", action="store_true", help="run as server: wait for a client")
     role.add_argument("-c", "--client", metavar="HOST", help="run as client: connect to HOST")
-    parser.add_argument("-p", "--port", type=port_number, default=PORT,
+    parser.add_argument("-p", "--port", type=number_between(1, 65535, "a port"), default=PORT,
                         help="TCP port to listen on or connect to (default %d)" % PORT)
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("-u", "--tun", dest="tap", action="store_false", help="use a TUN device (default)")
@@ -1068,7 +1059,7 @@ def parse_args(argv=None):
     parser.set_defaults(tap=False)  # otherwise -u's store_false would make tap the default
     parser.add_argument("--addr", metavar="CIDR", type=ipv4_interface,
                         help="give the device this IPv4 address/prefix (e.g. 10.0.0.1/24) and bring it up")
-    parser.add_argument("--mtu", metavar="N", type=mtu_size,
+    parser.add_argument("--mtu", metavar="N", type=number_between(MIN_MTU, MAX_MTU, "an MTU"),
                         help="set the device's MTU (%d-%d)" % (MIN_MTU, MAX_MTU))
     parser.add_argument("-d", "--debug", action="count", default=0,
                         help="log every packet, as the original did; -dd also says what each packet is")
