@@ -270,7 +270,7 @@ class Link:
     def __init__(self, sock, address, header=HEADER):
         self.sock, self.address, self.header = sock, address, header
         self.out = bytearray()  # frames read from the device, not yet taken by TCP
-        self.deframer = Deframer(header)
+        self.deframer = Deframer(header, RECV_SIZE * (4 if header is OFFLOAD_HEADER else 1))
         self.ended = False  # the peer closed its side in an orderly way
         self.watching = None  # (device, writable) as registered with the selector: see watch_what_can_move()
 
@@ -313,9 +313,10 @@ class Deframer:
 
     TCP keeps no message boundaries: one receive may end inside a frame, or hold many. The
     Deframer owns one buffer that every receive fills (space(), then cut(n)); cut() yields the
-    completed packets as memoryviews of that buffer (no copy), and the unfinished frame at the
-    end moves to the front before the next receive. So it never holds more than one frame
-    beyond what one receive brought. feed(bytes) does the same for callers that hold bytes.
+    completed packets as memoryviews of that buffer (no copy). An unfinished frame at the end
+    stays where it is while the rest of the buffer can still hold the longest frame, and only
+    then moves to the front: so it never holds more than one frame beyond what one receive
+    brought, and rarely copies. feed(bytes) does the same for callers that hold bytes.
     """
 
     def __init__(self, header=HEADER, size=None):
@@ -325,12 +326,17 @@ class Deframer:
         self.view = memoryview(self.buffer)
         self.start = self.end = 0  # buffer[start:end]: received bytes not cut into packets yet
         self.frames = 0  # whole frames cut so far
-        # The longest frame that fits the buffer: with the 2-byte length, any frame does.
-        self.max_packet = size - header.size
+        # The longest packet this end takes: what the length can state, as far as the buffer holds it.
+        self.max_packet = min(size // 2, 256 ** header.size - 1)
+        self.longest_frame = header.size + self.max_packet
 
     def space(self):
         """The part of the buffer the next receive may fill."""
-        if self.start:  # move the unfinished frame to the front (the packets cut from it are written)
+        if self.start == self.end:  # every frame was cut: start again at the front, nothing to move
+            self.start = self.end = 0
+        elif len(self.buffer) - self.start < self.longest_frame:
+            # The frame that waits might not fit behind where it starts: move it to the front
+            # (the packets cut before it are written already).
             waiting = self.end - self.start
             self.buffer[:waiting] = self.view[self.start:self.end]
             self.start, self.end = 0, waiting
@@ -855,6 +861,7 @@ class WaitingRoom:
                 self.forget(sock)
 
     def what_is_missing(self, newcomer):
+        """Why a newcomer whose deadline passed is sent away."""
         if newcomer.handshaking:
             return "no TLS handshake within %d s: does it run with --tls?" % HANDSHAKE_TIMEOUT
         if self.tunnel.offload:
@@ -1009,6 +1016,7 @@ class WaitingRoom:
         self.forget(sock)
 
     def forget(self, sock):
+        """Stop waiting for a closing connection's goodbye: close it."""
         del self.closing[sock]
         if self.selector:
             self.selector.unregister(sock)
@@ -1193,6 +1201,7 @@ def describe(packet, tap, offload=False):
 
 
 def describe_ethernet(frame):
+    """An Ethernet frame: what it carries, then its MAC addresses."""
     if len(frame) < ETHERNET.size:
         return "Ethernet truncated header (%d bytes)" % len(frame)
     destination, source, ethertype = ETHERNET.unpack_from(frame)
@@ -1213,10 +1222,12 @@ def describe_ethernet(frame):
 
 
 def mac_text(mac):
+    """A MAC address as people write it: 6e:00:00:00:00:02."""
     return ":".join("%02x" % b for b in mac)
 
 
 def describe_arp(payload):
+    """An ARP request or reply: who asks for whose MAC address."""
     if len(payload) < ARP.size:
         return "ARP truncated (%d bytes)" % len(payload)
     _, _, _, _, op, sender_mac, sender_ip, _, target_ip = ARP.unpack_from(payload)
@@ -1229,6 +1240,7 @@ def describe_arp(payload):
 
 
 def describe_ip(packet):
+    """An IP packet, by its version nibble: IPv4, IPv6, or neither."""
     version = packet[0] >> 4 if packet else None
     if version == 4:
         return describe_ipv4(packet)
@@ -1238,6 +1250,7 @@ def describe_ip(packet):
 
 
 def describe_ipv4(packet):
+    """An IPv4 packet: addresses, then what it carries."""
     header_size = (packet[0] & 0x0F) * 4
     if len(packet) < IPV4.size or header_size < IPV4.size or len(packet) < header_size:
         return "IPv4 truncated header (%d bytes)" % len(packet)
@@ -1250,6 +1263,7 @@ def describe_ipv4(packet):
 
 
 def describe_ipv6(packet):
+    """An IPv6 packet: addresses, then what it carries behind any extension headers."""
     if len(packet) < IPV6.size:
         return "IPv6 truncated header (%d bytes)" % len(packet)
     _, _, protocol, _, source, destination = IPV6.unpack_from(packet)
@@ -1459,12 +1473,14 @@ class Timeline:
             self.add("demo", stamped(line))
 
     def add(self, label, line):
+        """Queue a line, stamped by its process or, if not, now."""
         match = STAMP.match(line)
         stamp, text = (float(match.group(1)), match.group(2)) if match else (time.monotonic(), line)
         heapq.heappush(self.waiting, (stamp, next(self.order), label, text))
         self.lines.append((label, text))
 
     def saw(self, label, text):
+        """True if the process `label` has printed a line holding `text`."""
         return any(label == who and text in line for who, line in self.lines)
 
     def pump(self, until=lambda: False, timeout=None):
@@ -1481,6 +1497,7 @@ class Timeline:
         return True
 
     def read(self, fd):
+        """Take what a process printed; whole lines go on the timeline."""
         label, rest = self.sources[fd]
         data = os.read(fd, 65536)
         if not data:  # the process closed its output: it has ended
@@ -1501,6 +1518,7 @@ class Timeline:
         sys.stdout.flush()
 
     def flush(self):
+        """Print every line still waiting: the processes have ended."""
         for fd in list(self.sources):
             while fd in self.sources and select.select([fd], [], [], 0.5)[0]:
                 self.read(fd)
@@ -1642,10 +1660,10 @@ def make_cable_lossy(namespaces, method, loss, delay):
                          "--mode", "random", "--probability", "%g" % (loss / 100), "-j", "DROP")
 
 
-def outer_retransmissions(namespace, port):
+def outer_retransmissions(namespace, port_filter):
     """Segments the tunnel's own TCP connection retransmitted, as ss -ti reports it (None: unknown)."""
     try:
-        text = in_namespace(namespace, "ss", "-tiH", "state", "established", "( sport = :%d )" % port)
+        text = in_namespace(namespace, "ss", "-tiH", "state", "established", port_filter)
     except (UserError, OSError):
         return None
     found = re.search(r"retrans:\d+/(\d+)", text)
@@ -1717,8 +1735,9 @@ def demo(args):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave things behind
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if method and "client" in running:
-            timeline.say("the tunnel's own TCP connection retransmitted %s segment(s) (server side, ss -ti)"
-                         % outer_retransmissions(ns["server"], PORT))
+            timeline.say("the tunnel's own TCP connection retransmitted %s segment(s) from the client, %s from the "
+                         "server (ss -ti)" % (outer_retransmissions(ns["client"], "( dport = :%d )" % PORT),
+                                              outer_retransmissions(ns["server"], "( sport = :%d )" % PORT)))
         for side in ("ping", "client", "server"):  # both ends print their summary line on SIGTERM
             if side in running and running[side].poll() is None:
                 running[side].terminate()
@@ -1959,6 +1978,7 @@ class StampedFormatter(logging.Formatter):
     """Log lines stamped with the moment they happen (--timestamps, for the demo's Timeline)."""
 
     def format(self, record):
+        """The line, with the moment it happened in front."""
         # A device write is logged once it succeeded, but it happened when it began: a reply
         # it caused may be printed by another process before our log call.
         return stamped(super().format(record), getattr(record, "happened", None))
