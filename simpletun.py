@@ -642,6 +642,7 @@ def relay_until_closed(tunnel, link, side, room=None):
 PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 HANDSHAKE_TIMEOUT = 5  # seconds for a TLS handshake (and, with --offload, the greeting after it)
 TLS_HANDSHAKE_RECORD = (b"\x16\x03\x01", b"\x16\x03\x02", b"\x16\x03\x03")  # how a ClientHello starts
+OP_IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0x80)  # SSL_OP_IGNORE_UNEXPECTED_EOF, openssl/ssl.h
 
 
 def tls_context(server, own_file, peer_file=None):
@@ -650,6 +651,9 @@ def tls_context(server, own_file, peer_file=None):
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False  # no host names: the peer is known by its certificate alone
     context.verify_mode = ssl.CERT_REQUIRED  # on the server too: the client must prove itself
+    # Some Python builds (3.10, early 3.11) tell OpenSSL 3 to take an end without close_notify as an
+    # orderly one: a killed peer would look like a clean close. We want to tell the two apart.
+    context.options &= ~OP_IGNORE_UNEXPECTED_EOF
     try:
         context.load_cert_chain(own_file)
     except (OSError, ssl.SSLError, ValueError) as err:
@@ -718,7 +722,7 @@ def explain_tls(err):
     for reasons, hint in TLS_HINTS:
         if any(r in reason for r in reasons):
             return "TLS failed (%s): %s" % (reason.lower().replace("_", " "), hint)
-    if isinstance(err, (ssl.SSLEOFError, ConnectionError)) or "EOF" in reason:
+    if isinstance(err, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)) or "EOF" in reason:
         return "the peer closed the connection during the TLS handshake: does it run with --tls, " \
                "and does it accept this end's certificate?"
     return "TLS failed: %s" % (reason.lower().replace("_", " ") or err)
@@ -726,7 +730,9 @@ def explain_tls(err):
 
 def explain_tls_ending(err, link):
     """One line for a TLS connection that ended without an orderly goodbye."""
-    if isinstance(err, ssl.SSLEOFError):
+    # A TCP end with no close_notify before it: SSLEOFError, or (some Python builds) an SSLError
+    # that carries OpenSSL 3's own reason for it.
+    if isinstance(err, ssl.SSLEOFError) or "UNEXPECTED_EOF" in (getattr(err, "reason", None) or ""):
         if not link.deframer.frames:
             return "connection lost right after the TLS handshake, with no TLS goodbye: the peer " \
                    "refused this end (is this end's certificate the one it pins, and not one signed by it?)"
@@ -1794,8 +1800,12 @@ def bench(ns, timeline, mode):
     def run(namespace, call):
         result = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c",
                                  "import sys; sys.path.insert(0, %r); import simpletun; simpletun.%s" % (here, call)],
-                                stdout=subprocess.PIPE, universal_newlines=True, timeout=BENCH_SECONDS * 10)
-        return json.loads(result.stdout) if result.returncode == 0 else None
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                timeout=BENCH_SECONDS * 10)
+        if result.returncode:
+            timeline.say("bench: %s failed: %s" % (call.split("(")[0], (result.stderr.strip().splitlines() or ["?"])[-1]))
+            return None
+        return json.loads(result.stdout)
 
     addresses = {side: {"underlay": DEMO_UNDERLAY[side].split("/")[0], "tunnel": DEMO_TUNNEL[side].split("/")[0]}
                  for side in ns}
@@ -1842,7 +1852,16 @@ def bench_sink(port):
 def bench_send(host, port, seconds):
     """--bench, in the client host: send as fast as TCP takes it for `seconds`; print Mbit/s as JSON."""
     chunk = bytes(1 << 18)
-    with socket.create_connection((host, port), timeout=10) as sock:
+    deadline = time.monotonic() + DEMO_WAIT
+    while True:  # the receiver in the other host may still be starting
+        try:
+            sock = socket.create_connection((host, port), timeout=10)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with sock:
         start = time.monotonic()
         while time.monotonic() - start < seconds:
             sock.sendall(chunk)
