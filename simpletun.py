@@ -963,11 +963,14 @@ class WaitingRoom:
         """A newcomer proved itself: it takes the slot, or (plaintext, slot taken) is turned away."""
         del self.newcomers[newcomer.sock]
         self.selector.unregister(newcomer.sock)
-        if self.active and not self.tls:
+        holder = self.active or self.proven  # (two may prove themselves in one wake-up)
+        if holder and not self.tls:
             log.warning("SERVER: turned away %s: it proved itself, but %s is being served "
-                        "(one client at a time)", newcomer.address, self.active.address)
+                        "(one client at a time)", newcomer.address, holder.address)
             self.say_goodbye(newcomer.sock, orderly=True)
             return
+        if self.proven:  # --tls: the newer of two proven in one wake-up takes the slot
+            self.say_goodbye(self.proven.sock, orderly=True)
         link = Link(newcomer.sock, newcomer.address, OFFLOAD_HEADER if self.tunnel.offload else HEADER)
         if newcomer.head and not self.tunnel.offload:  # the start of its first frame: relayed as usual
             space = link.deframer.space()
@@ -1671,9 +1674,9 @@ def outer_retransmissions(namespace, port_filter):
     try:
         text = in_namespace(namespace, "ss", "-tiH", "state", "established", port_filter)
     except (UserError, OSError):
-        return None
+        return "an unknown number of"
     found = re.search(r"retrans:\d+/(\d+)", text)
-    return int(found.group(1)) if found else 0
+    return found.group(1) if found else "0"
 
 
 def start_in(namespace, command):
@@ -1784,13 +1787,14 @@ def build_demo_hosts(ns):
 def keep_instructions(ns, target):
     """--keep: commands to paste into another terminal (as root) to explore the two hosts."""
     c, s = ns["client"], ns["server"]
-    return ("the tunnel stays up until Ctrl-C; its lines keep coming here. In another terminal, as root:\n"
-            "  ip netns exec %s bash                                  a shell on the client host\n"
-            "  ip netns exec %s ping %s                          ping through the tunnel\n"
-            "  ip netns exec %s tcpdump -ni veth0 -X tcp port %d     the frames inside TCP, on the cable\n"
-            "  ip netns exec %s ip route                              the route into the tunnel\n"
-            "  ip netns exec %s ss -ti                                the tunnel's TCP connection"
-            % (c, c, target, s, PORT, c, c))
+    commands = (("%s bash" % c, "a shell on the client host"),
+                ("%s ping %s" % (c, target), "ping through the tunnel"),
+                ("%s tcpdump -ni veth0 -X tcp port %d" % (s, PORT), "the frames inside TCP, on the cable"),
+                ("%s ip route" % c, "the route into the tunnel"),
+                ("%s ss -ti" % c, "the tunnel's TCP connection"))
+    width = max(len(command) for command, _ in commands)
+    return "the tunnel stays up until Ctrl-C; its lines keep coming here. In another terminal, as root:\n" + \
+        "\n".join("  ip netns exec %-*s   %s" % (width, command, what) for command, what in commands)
 
 
 def bench(ns, timeline, mode):

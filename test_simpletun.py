@@ -2026,3 +2026,26 @@ def test_demo_flags_usage_errors(args, reason):
     result = run_script(*args)
     assert result.returncode == 2
     assert reason in result.stderr
+
+
+def test_two_newcomers_proven_in_one_wake_up_leave_no_connection_behind():
+    # Regression: the second overwrote the first in the room, whose connection was never closed.
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pairs = [socket.socketpair() for _ in range(2)]
+    with device, kernel, socket.create_server(("127.0.0.1", 0)) as listener, selectors.DefaultSelector() as sel:
+        room = simpletun.WaitingRoom(listener, Tunnel(device.fileno(), "tun9"))
+        room.watch(sel)
+        newcomers = [simpletun.Newcomer(ours, "peer%d" % i, None) for i, (ours, _) in enumerate(pairs)]
+        for newcomer in newcomers:
+            room.newcomers[newcomer.sock] = newcomer
+            sel.register(newcomer.sock, selectors.EVENT_READ, room.handler(newcomer))
+        for newcomer in newcomers:
+            room.admit(newcomer)
+        assert room.proven.address == "peer0"  # plaintext: the first keeps it
+        theirs = pairs[1][1]
+        theirs.settimeout(TIMEOUT)
+        assert theirs.recv(10) == b""  # the second heard an orderly close
+        room.close()
+    for ours, theirs in pairs:
+        ours.close()
+        theirs.close()
