@@ -728,11 +728,15 @@ def explain_tls(err):
     return "TLS failed: %s" % (reason.lower().replace("_", " ") or err)
 
 
+def cut_without_goodbye(err):
+    """True if a TLS error says the TCP connection ended with no close_notify before it: SSLEOFError,
+    or (some Python builds) an SSLError that carries OpenSSL 3's own reason for it."""
+    return isinstance(err, ssl.SSLEOFError) or "UNEXPECTED_EOF" in (getattr(err, "reason", None) or "")
+
+
 def explain_tls_ending(err, link):
     """One line for a TLS connection that ended without an orderly goodbye."""
-    # A TCP end with no close_notify before it: SSLEOFError, or (some Python builds) an SSLError
-    # that carries OpenSSL 3's own reason for it.
-    if isinstance(err, ssl.SSLEOFError) or "UNEXPECTED_EOF" in (getattr(err, "reason", None) or ""):
+    if cut_without_goodbye(err):
         if not link.deframer.frames:
             return "connection lost right after the TLS handshake, with no TLS goodbye: the peer " \
                    "refused this end (is this end's certificate the one it pins, and not one signed by it?)"
