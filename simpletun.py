@@ -609,11 +609,9 @@ def relay_until_closed(tunnel, link, side, room=None):
         relay(tunnel, link, room)
     except FrameError as err:
         log.warning("%s: the peer vanished: %s", side, err)
-    except PeerMismatch as err:
+    except (PeerMismatch, LinkReplaced) as err:
         log.warning("%s: %s", side, err)
-    except LinkReplaced as err:
-        log.warning("%s: %s", side, err)
-    except (OSError, ssl.SSLError) as err:  # ssl.SSLError included: see explain_tls_ending()
+    except OSError as err:  # ssl.SSLError is one too: see explain_tls_ending()
         log.warning("%s: %s", side, explain_tls_ending(err, link) if isinstance(err, ssl.SSLError)
                     else "connection lost: %s" % (err.strerror or err))
     else:
@@ -628,7 +626,8 @@ def relay_until_closed(tunnel, link, side, room=None):
 
 
 # =======================================================================================
-# Everything below is optional: the tunnel above works without any of it.
+# Everything below is an extra: the options and safeguards the tunnel above calls on,
+# each from one or two places. Read the tunnel first; come here when a call leads here.
 # =======================================================================================
 
 # ---------------------------------------------------------------------------------------
