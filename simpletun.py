@@ -99,6 +99,7 @@ MAX_FRAME = 0xFFFF  # the largest length two bytes can state
 MAX_DEVICE_PACKET = 65535 + 14 + 4
 
 # The relay loop
+CALM = (True, False)  # what relay() watches when nothing waits to be sent: the device, not writability
 MAX_BATCH = 64  # device packets read per wake-up before we send: bounds how long NET2TAP waits
 OUT_LIMIT = 256 * 1024  # bytes queued for TCP before we stop reading the device; the kernel
 #                         then drops packets at the device, as a busy network card would
@@ -273,6 +274,7 @@ class Link:
         self.deframer = Deframer(header, RECV_SIZE * (4 if header is OFFLOAD_HEADER else 1))
         self.ended = False  # the peer closed its side in an orderly way
         self.watching = None  # (device, writable) as registered with the selector: see watch_what_can_move()
+        self.tls = isinstance(sock, ssl.SSLSocket)
 
 
 def close_link(sock, orderly=True, wait=GOODBYE_TIME):
@@ -524,7 +526,8 @@ def relay(tunnel, link, room=None):
         if room:
             room.watch(selector, link)
         while not link.ended:
-            watch_what_can_move(selector, tunnel, link)
+            if link.out or link.watching is not CALM:  # the usual case costs one test per wake-up
+                watch_what_can_move(selector, tunnel, link)
             # No timeout: an idle tunnel sleeps here until there is work. (EINTR is retried for us.)
             # Only a newcomer's deadline sets one.
             for key, events in selector.select(room.timeout() if room else None):
@@ -539,7 +542,7 @@ def link_ready(tunnel, link, events):
         send_queued(link)
     if events & selectors.EVENT_READ:
         net2tap(tunnel, link)
-        while decrypted_waiting(link.sock) and not link.ended:  # TLS: see section 8
+        while link.tls and decrypted_waiting(link.sock) and not link.ended:  # see section 8
             net2tap(tunnel, link)
 
 
@@ -548,7 +551,10 @@ def watch_what_can_move(selector, tunnel, link):
     frames wait: when the peer stops reading, we stop reading the device but keep receiving, since
     the peer may be waiting for us to drain its data before it can drain ours."""
     wanted = (len(link.out) < OUT_LIMIT, bool(link.out))
+    if wanted == CALM:
+        wanted = CALM  # the very object, so that relay() can tell it at a glance
     if wanted == link.watching:
+        link.watching = wanted
         return
     device, writable = wanted
     if link.watching is None or device != link.watching[0]:
