@@ -274,6 +274,7 @@ class Link:
         self.deframer = Deframer(header, RECV_SIZE * (4 if header is OFFLOAD_HEADER else 1))
         self.ended = False  # the peer closed its side in an orderly way
         self.watching = None  # (device, writable) as registered with the selector: see watch_what_can_move()
+        self.on_device = None  # the device's handler in relay()'s selector, while it watches the device
         self.tls = isinstance(sock, ssl.SSLSocket)
 
 
