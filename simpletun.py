@@ -282,32 +282,46 @@ def close_link(sock, orderly=True, wait=GOODBYE_TIME):
     """Close a connection without a reset: say goodbye, then read until the peer says it too.
 
     Closing a socket that still holds unread bytes makes the kernel send a reset, and the
-    peer then reports a broken connection instead of an orderly end. So: TLS close_notify
-    (orderly only), our FIN, and discard what arrives until the peer's FIN, for `wait` s.
+    peer then reports a broken connection instead of an orderly end. So: our goodbye, then
+    discard what arrives until the peer's FIN, for `wait` s.
     """
     try:
-        if orderly and isinstance(sock, ssl.SSLSocket):
-            tls_goodbye(sock)
-        sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + wait
-        while select.select([sock], [], [], max(0, deadline - time.monotonic()))[0]:
-            if not sock.recv(65536):
-                break
+        if start_goodbye(sock, orderly):
+            deadline = time.monotonic() + wait
+            while select.select([sock], [], [], max(0, deadline - time.monotonic()))[0]:
+                if not sock.recv(65536):
+                    break
     except (OSError, ValueError):  # the peer is already gone: nothing left to say
         pass
     finally:
         sock.close()
 
 
+def start_goodbye(sock, orderly):
+    """Our half of a close: TLS close_notify (orderly ends only), then our FIN; False if the peer is gone."""
+    try:
+        if orderly and isinstance(sock, ssl.SSLSocket):
+            tls_goodbye(sock)
+        sock.shutdown(socket.SHUT_WR)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------
 # 4. Framing: frame(), Deframer -- no I/O here, so tests can call them directly
 # ---------------------------------------------------------------------------------------
 
+def longest_packet(header):
+    """The longest packet a length field of this size can state: MAX_FRAME for the wire format's 2 bytes."""
+    return 256 ** header.size - 1
+
+
 def frame(packet, header=HEADER):
     """Prefix a packet with its length: the bytes that go on the wire."""
-    if len(packet) > MAX_FRAME and header is HEADER:
-        raise FrameError("a %d-byte packet does not fit the 2-byte length of the wire format"
-                         % len(packet))
+    if len(packet) > longest_packet(header):
+        raise FrameError("a %d-byte packet does not fit the %d-byte length of the wire format"
+                         % (len(packet), header.size))
     return header.pack(len(packet)) + packet
 
 
@@ -330,7 +344,7 @@ class Deframer:
         self.start = self.end = 0  # buffer[start:end]: received bytes not cut into packets yet
         self.frames = 0  # whole frames cut so far
         # The longest packet this end takes: what the length can state, as far as the buffer holds it.
-        self.max_packet = min(size // 2, 256 ** header.size - 1)
+        self.max_packet = min(size // 2, longest_packet(header))
         self.longest_frame = header.size + self.max_packet
 
     def space(self):
@@ -361,16 +375,38 @@ class Deframer:
             self.frames += 1
             yield self.view[packet_start:self.start]
 
+    def take(self, data):
+        """Bytes received somewhere else (a server's newcomer sent them): they are cut with the next receive."""
+        space = self.space()
+        space[:len(data)] = data
+        self.end += len(data)
+
     def feed(self, data):
         """Add received bytes; return the packets they completed (bytes; maybe none, maybe many)."""
         packets, data = [], memoryview(data)
         while data:
-            space = self.space()
-            count = min(len(space), len(data))
-            space[:count] = data[:count]
-            packets += [bytes(packet) for packet in self.cut(count)]
+            count = min(len(self.space()), len(data))
+            self.take(data[:count])
+            packets += [bytes(packet) for packet in self.cut(0)]
             data = data[count:]
         return packets
+
+    def preview(self, count):
+        """What `count` bytes received into space() will complete, without cutting anything:
+        (whole frames, bytes left over, the full size of the frame those begin, or None)."""
+        start, end, size = self.start, self.end + count, self.header.size
+        frames = 0
+        while end - start >= size:
+            frame_size = size + self.header.unpack_from(self.buffer, start)[0]
+            if start + frame_size > end:
+                return frames, end - start, frame_size
+            start += frame_size
+            frames += 1
+        return frames, end - start, None
+
+    def peek(self, count, size):
+        """The first `size` bytes waiting to be cut, once `count` bytes were received into space()."""
+        return bytes(self.view[self.start:min(self.end + count, self.start + size)])
 
     def waiting(self):
         """Bytes of an unfinished frame held for the next receive."""
@@ -397,6 +433,7 @@ class Deframer:
 def tap2net(tunnel, link):
     """TAP2NET: read packets from the device until it is empty (or a batch is full); send them framed."""
     fd, debug, out, header = tunnel.fd, tunnel.debug, link.out, link.header  # looked up once per batch
+    limit = longest_packet(header)
     for _ in range(MAX_BATCH):
         try:
             packet = os.read(fd, tunnel.read_size)
@@ -411,10 +448,10 @@ def tap2net(tunnel, link):
             log.debug("TAP2NET %d: Read %d bytes from the tap interface", tunnel.tap2net, size)
             if debug > 1:
                 log_packet("TAP2NET", tunnel, packet, header)
-        if size > MAX_FRAME and header is HEADER:
+        if size > limit:
             tunnel.dropped += 1
-            log.warning("TAP2NET %d: dropped: a %d-byte packet does not fit the 2-byte length of the "
-                        "wire format (lower the MTU of %s)", tunnel.tap2net, size, tunnel.name)
+            log.warning("TAP2NET %d: dropped: a %d-byte packet does not fit the %d-byte length of the "
+                        "wire format (lower the MTU of %s)", tunnel.tap2net, size, header.size, tunnel.name)
             continue
         out += header.pack(size)  # two appends, not frame(): saves copying the packet once more
         out += packet
@@ -965,7 +1002,7 @@ class WaitingRoom:
             self.selector.modify(sock, selectors.EVENT_WRITE, self.handler(newcomer))
         except WOULD_BLOCK:
             self.selector.modify(sock, selectors.EVENT_READ, self.handler(newcomer))
-        except (OSError, ssl.SSLError) as err:
+        except OSError as err:  # ssl.SSLError is one too
             why = explain_tls(err) if isinstance(err, ssl.SSLError) else err.strerror or str(err)
             self.send_away(newcomer, why, orderly=False)
 
@@ -983,12 +1020,12 @@ class WaitingRoom:
             self.say_goodbye(self.proven.sock, orderly=True)
         link = Link(newcomer.sock, newcomer.address, OFFLOAD_HEADER if self.tunnel.offload else HEADER)
         if newcomer.head and not self.tunnel.offload:  # the start of its first frame: relayed as usual
-            space = link.deframer.space()
-            space[:len(newcomer.head)] = newcomer.head
-            link.deframer.end += len(newcomer.head)
+            link.deframer.take(newcomer.head)
+            log.debug("SERVER: %s proved itself with the first %d bytes of its first frame; they go on to "
+                      "the device with the rest of that frame", newcomer.address, len(newcomer.head))
         self.proven = link
         log.info("SERVER: Client connected from %s%s", newcomer.address,
-                  " (%s, pinned certificate)" % newcomer.sock.version() if self.tls else "")
+                 " (%s, pinned certificate)" % newcomer.sock.version() if self.tls else "")
         if self.active:
             raise LinkReplaced("%s proved itself with the pinned certificate: it replaces %s "
                                "(the newest authenticated client wins)" % (newcomer.address, self.active.address))
@@ -1010,11 +1047,7 @@ class WaitingRoom:
 
     def say_goodbye(self, sock, orderly):
         """close_link() without waiting: our goodbye now, the peer's read by the loop, for GOODBYE_TIME s."""
-        try:
-            if orderly and isinstance(sock, ssl.SSLSocket):
-                tls_goodbye(sock)
-            sock.shutdown(socket.SHUT_WR)
-        except (OSError, ValueError):
+        if not start_goodbye(sock, orderly):
             sock.close()
             return
         if len(self.closing) >= MAX_CLOSING:
@@ -1055,7 +1088,7 @@ WAIT, PROVEN = "wait", "proven"
 def proof_size(head, tunnel):
     """How many first bytes decide whether a newcomer's first frame is a packet for this end."""
     if tunnel.offload:
-        return HEADER.size + len(GREETING)
+        return len(GREETING_FRAME)
     if len(head) < HEADER.size:
         return HEADER.size
     (length,) = HEADER.unpack_from(head)
@@ -1070,10 +1103,10 @@ def first_frame_verdict(head, tunnel):
     if len(head) < proof_size(head, tunnel):
         return WAIT
     if tunnel.offload:
-        return PROVEN if head == frame(GREETING) else "it runs without --offload (or is the C simpletun)"
+        return PROVEN if head == GREETING_FRAME else "it runs without --offload (or is the C simpletun)"
     packet = head[HEADER.size:]
     (length,) = HEADER.unpack_from(head)
-    if head == frame(GREETING):
+    if head == GREETING_FRAME:
         return "it runs with --offload, this end without"
     if length == 0:
         return "its first frame is empty: that is not a packet"
@@ -1192,22 +1225,13 @@ def log_packet(direction, tunnel, packet, header=None):
 
 def log_receive(deframer, count):
     """-dd: what one receive brought: bytes, the frames they complete, a frame left unfinished."""
-    frames, start, end = 0, deframer.start, deframer.end + count
-    header, buffer = deframer.header, deframer.buffer
-    while end - start >= header.size:
-        length = header.unpack_from(buffer, start)[0]
-        if start + header.size + length > end:
-            break
-        start += header.size + length
-        frames += 1
-    rest = end - start
+    frames, rest, frame_size = deframer.preview(count)
     if not rest:
         unfinished = "nothing left over"
-    elif rest < header.size:
+    elif frame_size is None:
         unfinished = "%d byte(s) of the next frame's length wait for the next receive" % rest
     else:
-        unfinished = "%d of the next frame's %d bytes wait for the next receive" % (
-            rest, header.size + header.unpack_from(buffer, start)[0])
+        unfinished = "%d of the next frame's %d bytes wait for the next receive" % (rest, frame_size)
     log.debug("NET2TAP: a receive brought %d bytes from TCP: %d whole frame(s); %s", count, frames, unfinished)
 
 
@@ -1358,6 +1382,7 @@ OFFLOAD_READ_SIZE = 128 * 1024  # a super-packet is at most 64 KiB; room for the
 GREETING_TIMEOUT = 4  # seconds the client waits for the server's greeting: a mismatch is named within 5 s
 GREETING = b"simpletun+GSO"  # 13 bytes: shorter than an Ethernet header, and its first byte
 #                              (0x73) is no IP version: a C original writes it to its device, which refuses it
+GREETING_FRAME = frame(GREETING)  # as it goes on the wire, 2-byte length first
 
 
 def set_offload(fd, enabled):
@@ -1375,13 +1400,13 @@ def set_offload(fd, enabled):
 
 def send_greeting(sock):
     """Say "this end runs --offload" as an ordinary short frame of the default format."""
-    sock.sendall(frame(GREETING))  # 15 bytes into an empty socket buffer: never blocks
+    sock.sendall(GREETING_FRAME)  # 15 bytes into an empty socket buffer: never blocks
 
 
 def greet_server(link):
     """Client, --offload: greet, then read the server's greeting (the original's read_n) within 5 s."""
     send_greeting(link.sock)
-    expected, head = frame(GREETING), b""
+    expected, head = GREETING_FRAME, b""
     deadline = time.monotonic() + GREETING_TIMEOUT
     while len(head) < len(expected):
         left = deadline - time.monotonic()
@@ -1403,9 +1428,7 @@ def greet_server(link):
 
 def check_first_frame(tunnel, deframer, count):
     """Plain mode: the first frame on a link may be an --offload peer's greeting; say so, end cleanly."""
-    greeting = frame(GREETING)
-    first = bytes(deframer.view[deframer.start:min(deframer.end + count, deframer.start + len(greeting))])
-    if deframer.header is HEADER and first == greeting:
+    if deframer.header is HEADER and deframer.peek(count, len(GREETING_FRAME)) == GREETING_FRAME:
         raise PeerMismatch("the peer runs with --offload, this end without: start both ends with "
                            "--offload, or neither")
 

@@ -1432,6 +1432,7 @@ def test_nonsense_never_takes_the_slot_and_the_real_client_still_gets_in(server_
     client = r.connect()
     client.sendall(frame(UDP_PACKET))
     assert r.kernel.recv(65536) == UDP_PACKET  # the first thing the device ever saw
+    assert any("proved itself with the first %d bytes of its first frame" % (2 + 13) in m for m in caplog.messages)
 
 
 @pytest.mark.parametrize("tap, packet, says", [
