@@ -5,687 +5,525 @@ Two hosts run this script, one as server (-s) and one as client (-c HOST). Each 
 virtual network device -- tun carries IP packets, tap carries Ethernet frames -- and the
 two ends copy packets between their device and one TCP connection:
 
-        host A                                                       host B
-    +----------+  read   +---------+            +---------+  write  +----------+
-    |  tun0    | ------> | TAP2NET | ---TCP---> | NET2TAP | ------> |  tun0    |
-    | (device) |         | frame() |   :55555   | Deframer|         | (device) |
-    |          | <------ | NET2TAP | <--------- | TAP2NET | <------ |          |
-    +----------+  write  +---------+            +---------+  read   +----------+
-
-    TAP2NET: read a packet from the device -> frame() it -> send it on the TCP connection.
-    NET2TAP: receive bytes from TCP -> Deframer cuts them into packets -> write each to the device.
+        host A                                                     host B
+    +----------+  read  +---------+             +---------+  write  +----------+
+    |  tun0    | -----> | TAP2NET | ---TCP----> | NET2TAP | ------> |  tun0    |
+    | (device) | <----- | NET2TAP | <---------- | TAP2NET | <------ | (device) |
+    +----------+  write +---------+   :55555    +---------+  read   +----------+
 
 Wire format, the same as the original C simpletun's, so either end may be the C program:
 every packet travels as a 2-byte big-endian length followed by exactly that many bytes.
-Nothing else is ever sent -- no greeting, no options, no checksum (TCP has one).
 
     +--------+--------+------------------------------+
     |  length (2 B)   |  packet (length bytes)       |
     +--------+--------+------------------------------+
 
-WARNING: without --tls this tunnel protects nothing. Packets cross the network in clear,
-and anyone who can reach the server's port becomes a host on your private network. With
---tls the frames travel inside TLS, and only a peer holding the pinned certificate's key
-gets in. (--offload, which only two simpletun.py ends speak, is the one exception to
-"nothing else is sent": see section 12.)
-
-The file reads in the order a packet travels; sections 1-7 are the whole tunnel, the C
-original's program in Python, and everything after them is optional:
-    1. constants   2. the device (tun_alloc)   3. the TCP link   4. framing
-    5. the two directions (tap2net, net2tap)   6. the select loop (relay)
-    7. server and client (serve, run_client)
-    8. TLS (--tls)     9. who gets the server's one slot (admission)
-    10. --addr/--mtu   11. what a packet is, what a receive brought (-dd, -ddd)
-    12. segmentation offload (--offload)       13. the one-machine demo (--demo, --bench)
-    14. the command line (main)
+The lines down to the "# ====" banner are the whole tunnel, the original's program in
+Python; they run alone. Below the banner come the extras, each attached through a seam
+the tunnel offers. WARNING: the tunnel alone protects nothing: packets cross in clear.
 """
 
 import argparse
+import contextlib
 import errno
-import heapq
-import ipaddress
-import itertools
-import json
 import logging
 import os
-import re
-import select
 import selectors
-import shutil
 import signal
 import socket
-import ssl
 import struct
-import subprocess
 import sys
-import time
 
-try:
-    import fcntl
-except ImportError:  # not a Unix at all: main() then refuses to run, in one line
-    fcntl = None
-
-__version__ = "1.1.0"
+if not sys.platform.startswith("linux"):
+    sys.exit("simpletun.py: error: simpletun.py runs on Linux only (it needs /dev/net/tun); this is "
+             + sys.platform)
+import fcntl  # noqa: E402 (Linux only: see above)
 
 log = logging.getLogger("simpletun")
 
-
-# ---------------------------------------------------------------------------------------
-# 1. Constants
-# ---------------------------------------------------------------------------------------
-
 PORT = 55555  # the original's default port
+HEADER = struct.Struct("!H")  # the wire format's length: 2 bytes, big-endian ("network order")
 
-# linux/if_tun.h and linux/if.h
-TUN_CLONE_DEVICE = "/dev/net/tun"  # open it, then TUNSETIFF turns the fd into one device's fd
+# linux/if_tun.h: open /dev/net/tun, then TUNSETIFF turns the fd into one device's fd
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int): attach this fd to the device named in a struct ifreq
 IFF_TUN = 0x0001  # layer 3: the fd carries bare IP packets
 IFF_TAP = 0x0002  # layer 2: the fd carries whole Ethernet frames
-IFF_NO_PI = 0x1000  # drop the 4-byte "packet information" header (flags, EtherType) the kernel
-#                     would otherwise put before every packet: the wire carries only the packet
-IFNAMSIZ = 16  # interface names are at most 15 bytes plus the terminating NUL
-
-# struct ifreq: a 16-byte name, then a union of many request types; TUNSETIFF reads only the
-# leading short (ifr_flags) of the union. The union's largest member makes the struct 40 bytes
-# on 64-bit Linux; we always pass 40 so the kernel never reads past our buffer.
+IFF_NO_PI = 0x1000  # no 4-byte "packet information" before each packet: we carry the packet alone
+# struct ifreq: a 16-byte name, then a union whose first member (ifr_flags) TUNSETIFF reads; the
+# union makes the struct 40 bytes on 64-bit Linux, and we pass 40 so the kernel never reads past it.
 IFREQ_FLAGS = struct.Struct("16sH22x")
 
-# The wire format
-HEADER = struct.Struct("!H")  # the length, big-endian ("network order"), as the original's htons()
-MAX_FRAME = 0xFFFF  # the largest length two bytes can state
-
-# The largest packet a device can hand us: tun/tap MTUs stop at 65535, and a tap frame adds its
-# 14-byte Ethernet header and perhaps a 4-byte VLAN tag. (The original read 2000 bytes at most.)
-MAX_DEVICE_PACKET = 65535 + 14 + 4
-
-# The relay loop
-CALM = (True, False)  # what relay() watches when nothing waits to be sent: the device, not writability
+# The longest packet a frame's length can state, and the most we read from the device at once:
+# the kernel takes MTUs up to 65535 for tun and 65535 - 14 for tap, whose frames add a 14-byte
+# Ethernet header. (The original read at most 2000 bytes into a buffer of 2000, and overflowed.)
+MAX_PACKET = 65535
 MAX_BATCH = 64  # device packets read per wake-up before we send: bounds how long NET2TAP waits
-OUT_LIMIT = 256 * 1024  # bytes queued for TCP before we stop reading the device; the kernel
-#                         then drops packets at the device, as a busy network card would
-RECV_SIZE = 256 * 1024  # bytes taken from TCP per receive: many frames per wake-up
-
-# Noticing a peer that vanished without a word (power cut, cable pulled): keepalive probes
-# after 20 s of silence, 4 probes 5 s apart; data unacknowledged for 40 s ends the connection.
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 20, 5, 4
-USER_TIMEOUT_MS = 40_000
+OUT_LIMIT = 256 * 1024  # bytes queued for TCP before we stop reading the device; the kernel then
+#                         drops packets at the device, as a busy network card would
+RECV_SIZE = 256 * 1024  # the receive buffer: many frames per receive
 CONNECT_TIMEOUT = 10  # seconds for the client's TCP connect
-GOODBYE_TIME = 2  # seconds we wait for the peer's half of an orderly close (see close_link)
 
 
 class UserError(Exception):
-    """A problem the user can fix: main() prints it as one line and exits 1."""
+    """A problem the user can fix: run() prints it as one line and exits 1."""
 
 
-class FrameError(Exception):
-    """A byte stream that breaks the wire format: it ends in the middle of a frame."""
+class LinkEnded(Exception):
+    """The link to the peer cannot go on (it ended in the middle of a frame, or an extra found
+    something wrong); the message says why. The tunnel itself goes on: a server serves the next."""
 
 
-class PeerMismatch(Exception):
-    """The peer runs with other options than this end (--offload, -u/-a): say which, end cleanly."""
+# ---- The device: tun_alloc(), Tunnel -----------------------------------------------------
+
+HINTS = {errno.ENOENT: "no such file: load the tun module (modprobe tun)",  # what an errno means here
+         errno.EACCES: "permission denied: run as root (or with CAP_NET_ADMIN)",
+         errno.EPERM: "not allowed: run as root (or with CAP_NET_ADMIN)",
+         errno.EINVAL: "it exists and is not a device of this kind (tun: -u, tap: -a)"}
 
 
-class LinkReplaced(Exception):
-    """A server's client gives its place to a newer one that proved itself (section 9)."""
-
-
-# ---------------------------------------------------------------------------------------
-# 2. Opening the device: tun_alloc()
-# ---------------------------------------------------------------------------------------
-
-def tun_alloc(name, flags, clone_device=TUN_CLONE_DEVICE):
-    """Attach to the tun/tap device `name`, creating it if needed; return (fd, name)."""
+def tun_alloc(name, flags, clone_device="/dev/net/tun"):
+    """Attach to the tun/tap device `name`, creating it if needed; return (fd, its name)."""
     try:
         fd = os.open(clone_device, os.O_RDWR)
-    except FileNotFoundError:
-        raise UserError("%s does not exist: load the tun module (modprobe tun)" % clone_device) from None
-    except PermissionError:
-        raise UserError("cannot open %s: run as root (or with CAP_NET_ADMIN)" % clone_device) from None
+    except OSError as err:
+        raise UserError("cannot open %s: %s" % (clone_device, HINTS.get(err.errno, err.strerror))) from None
     try:
         ifreq = fcntl.ioctl(fd, TUNSETIFF, IFREQ_FLAGS.pack(name.encode(), flags | IFF_NO_PI))
     except OSError as err:
         os.close(fd)
-        raise UserError(explain_tunsetiff(name, flags, err)) from None
-    # Non-blocking, so that TAP2NET can read "until the device is empty" and never sleep there.
-    os.set_blocking(fd, False)
+        raise UserError("cannot attach to %s: %s" % (name, HINTS.get(err.errno, err.strerror))) from None
+    os.set_blocking(fd, False)  # so that TAP2NET can read "until the device is empty"
     return fd, IFREQ_FLAGS.unpack(ifreq)[0].rstrip(b"\0").decode()
-
-
-def explain_tunsetiff(name, flags, err):
-    """Turn a TUNSETIFF failure into a sentence that says what to do about it."""
-    wanted = "tap" if flags & IFF_TAP else "tun"
-    if err.errno == errno.EPERM:
-        return "not allowed to attach to %s: run as root (or with CAP_NET_ADMIN)" % name
-    if err.errno == errno.EBUSY:
-        return "%s is busy: another program has it open" % name
-    if err.errno == errno.EINVAL:
-        found = device_kind(name)
-        if found in ("tun", "tap"):
-            other_flag = "-a" if found == "tap" else "-u"
-            return "%s is a %s device, not %s: use %s, or another name" % (name, found, wanted, other_flag)
-        if found:
-            return "%s is an existing interface that is not tun/tap: choose another name" % name
-    return "cannot attach to %s: %s" % (name, err.strerror)
-
-
-def device_kind(name):
-    """Say what the interface `name` is: 'tun', 'tap', 'other', or None if there is none."""
-    try:
-        with open("/sys/class/net/%s/tun_flags" % name) as f:
-            return "tap" if int(f.read(), 16) & IFF_TAP else "tun"
-    except FileNotFoundError:
-        return "other" if os.path.exists("/sys/class/net/%s" % name) else None
-    except (OSError, ValueError):
-        return "other"
 
 
 class Tunnel:
     """One end's device, its -d level and its counters: all the loop needs besides the link."""
 
-    def __init__(self, fd, name, tap=False, debug=0, offload=False):
-        self.fd, self.name, self.tap, self.debug, self.offload = fd, name, tap, debug, offload
-        self.read_size = OFFLOAD_READ_SIZE if offload else MAX_DEVICE_PACKET
-        self.tap2net = self.tap2net_bytes = 0  # packets and bytes device -> network
-        self.net2tap = self.net2tap_bytes = 0  # packets and bytes network -> device
-        self.dropped = 0  # packets lost on the way: refused by the kernel or too long for the wire
-        self.refusing = 0  # refusals since the device last accepted a packet
-        self.served = False  # a peer has been relayed to at least once: worth a summary line
-
-    def summary(self):
-        """One line for the end of the run: packets and bytes each way."""
-        return "%s: TAP2NET %d packets (%d bytes), NET2TAP %d packets (%d bytes), %d dropped" % (
-            self.name, self.tap2net, self.tap2net_bytes, self.net2tap, self.net2tap_bytes, self.dropped)
+    def __init__(self, fd, name, debug=0, read_size=MAX_PACKET):
+        self.fd, self.name, self.debug, self.read_size = fd, name, debug, read_size
+        self.tap2net = self.net2tap = 0  # packets device -> network, network -> device
+        self.dropped = 0  # packets the kernel refused to take
 
 
-# ---------------------------------------------------------------------------------------
-# 3. The TCP link: listen_on(), connect_to(), Link, close_link()
-# ---------------------------------------------------------------------------------------
+# ---- The TCP link: tune(), listen_on(), connect_to(), Link -------------------------------
 
-def tune_link(sock):
-    """Set the options every tunnel connection needs, and make it non-blocking."""
+def tune(sock):
+    """Set what every tunnel connection needs; return the socket."""
     # Nagle's algorithm would hold a small frame back until the previous one is acknowledged,
     # and the peer delays that ACK by up to 40 ms: the original's stall on every round trip.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # A peer that vanished without closing must not hold the server's one client slot forever.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
-    # Never let one direction block the other: the loop sends and receives only what is ready.
-    sock.setblocking(False)
-
-
-def listen_on(port, address=None):
-    """Open the server's listening socket: on every IPv6 and IPv4 address unless one is named."""
-    try:
-        if address:
-            family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
-            listener = socket.create_server((address, port), family=family, backlog=LISTEN_BACKLOG)
-        elif socket.has_dualstack_ipv6():
-            listener = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True,
-                                            backlog=LISTEN_BACKLOG)
-        else:
-            listener = socket.create_server(("", port), backlog=LISTEN_BACKLOG)  # SO_REUSEADDR is set for us
-    except socket.gaierror as err:
-        raise UserError("cannot listen on %s: %s" % (address, err.strerror)) from None
-    except OSError as err:
-        if err.errno == errno.EADDRINUSE:
-            raise UserError("port %d is already in use: is another server running? "
-                            "(choose another port with -p)" % port) from None
-        if err.errno == errno.EADDRNOTAVAIL:
-            raise UserError("cannot listen on %s: no interface has that address" % address) from None
-        raise UserError("cannot listen on port %d: %s" % (port, err.strerror)) from None
-    listener.setblocking(False)  # accept() only when select() says someone is there
-    return listener
-
-
-def peer_address(sock):
-    """The peer's IP address as a person writes it (an IPv4 client of an IPv6 socket loses '::ffff:')."""
-    address = sock.getpeername()[0]
-    return address[7:] if address.startswith("::ffff:") else address
-
-
-def connect_to(host, port):
-    """Connect to the server and return the tuned socket (host: IPv4, IPv6 or a name)."""
-    try:
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
-    except socket.gaierror as err:
-        raise UserError("unknown host %s: %s" % (host, err.strerror)) from None
-    except ConnectionRefusedError:
-        raise UserError("connection to %s port %d refused: is the server running "
-                        "(simpletun.py -s)?" % (host, port)) from None
-    except socket.timeout:
-        raise UserError("connection to %s port %d timed out after %g s"
-                        % (host, port, CONNECT_TIMEOUT)) from None
-    except OSError as err:
-        raise UserError("cannot connect to %s port %d: %s" % (host, port, err.strerror)) from None
-    tune_link(sock)
-    log.info("CLIENT: Connected to server %s", peer_address(sock))
+    sock.setblocking(False)  # one direction never blocks the other: the loop moves only what is ready
     return sock
 
 
-class Link:
-    """One connection to the peer: its socket, the frames waiting to be sent, and its Deframer."""
+def listen_on(port, address=""):
+    """The server's listening socket: on every IPv6 and IPv4 address, unless one is named."""
+    dual = not address and socket.has_dualstack_ipv6()
+    try:
+        return socket.create_server((address, port), family=socket.AF_INET6 if dual or ":" in address
+                                    else socket.AF_INET, dualstack_ipv6=dual)
+    except OSError as err:  # socket.gaierror too
+        raise UserError("cannot listen on %s port %d: %s" % (address or "every address", port,
+                                                             err.strerror or err)) from None
 
-    def __init__(self, sock, address, header=HEADER):
+
+def connect_to(host, port):
+    """Connect to the server; return the tuned socket (host: IPv4, IPv6 or a name)."""
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except OSError as err:  # socket.timeout and socket.gaierror too
+        hint = ": is the server running (simpletun.py -s)?" if err.errno == errno.ECONNREFUSED else ""
+        raise UserError("cannot connect to %s port %d: %s%s" % (host, port, err.strerror or err, hint)) \
+            from None
+    log.info("CLIENT: Connected to server %s", host)
+    return tune(sock)
+
+
+class Link:
+    """One connection to the peer: the frames waiting to be sent, and the bytes received. TCP keeps
+    no message boundaries: a receive may end inside a frame, or hold many. Each receive lands behind
+    the `kept` bytes of an unfinished frame; cut() hands over the packets they complete."""
+
+    would_block = (BlockingIOError,)  # "not now, ask select() again"
+
+    def __init__(self, sock, address, header=HEADER, size=RECV_SIZE):
         self.sock, self.address, self.header = sock, address, header
         self.out = bytearray()  # frames read from the device, not yet taken by TCP
-        self.deframer = Deframer(header, RECV_SIZE * (4 if header is OFFLOAD_HEADER else 1))
-        self.ended = False  # the peer closed its side in an orderly way
-        self.watching = None  # (device, writable) as registered with the selector: see watch_what_can_move()
-        self.on_device = None  # the device's handler in relay()'s selector, while it watches the device
-        self.tls = isinstance(sock, ssl.SSLSocket)
-
-
-def close_link(sock, orderly=True, wait=GOODBYE_TIME):
-    """Close a connection without a reset: say goodbye, then read until the peer says it too.
-
-    Closing a socket that still holds unread bytes makes the kernel send a reset, and the
-    peer then reports a broken connection instead of an orderly end. So: our goodbye, then
-    discard what arrives until the peer's FIN, for `wait` s.
-    """
-    try:
-        if start_goodbye(sock, orderly):
-            deadline = time.monotonic() + wait
-            while select.select([sock], [], [], max(0, deadline - time.monotonic()))[0]:
-                if not sock.recv(65536):
-                    break
-    except (OSError, ValueError):  # the peer is already gone: nothing left to say
-        pass
-    finally:
-        sock.close()
-
-
-def start_goodbye(sock, orderly):
-    """Our half of a close: TLS close_notify (orderly ends only), then our FIN; False if the peer is gone."""
-    try:
-        if orderly and isinstance(sock, ssl.SSLSocket):
-            tls_goodbye(sock)
-        sock.shutdown(socket.SHUT_WR)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-# ---------------------------------------------------------------------------------------
-# 4. Framing: frame(), Deframer -- no I/O here, so tests can call them directly
-# ---------------------------------------------------------------------------------------
-
-def longest_packet(header):
-    """The longest packet a length field of this size can state: MAX_FRAME for the wire format's 2 bytes."""
-    return 256 ** header.size - 1
-
-
-def frame(packet, header=HEADER):
-    """Prefix a packet with its length: the bytes that go on the wire."""
-    if len(packet) > longest_packet(header):
-        raise FrameError("a %d-byte packet does not fit the %d-byte length of the wire format"
-                         % (len(packet), header.size))
-    return header.pack(len(packet)) + packet
-
-
-class Deframer:
-    """Cut a TCP byte stream back into packets.
-
-    TCP keeps no message boundaries: one receive may end inside a frame, or hold many. The
-    Deframer owns one buffer that every receive fills (space(), then cut(n)); cut() yields the
-    completed packets as memoryviews of that buffer (no copy). An unfinished frame at the end
-    stays where it is while the rest of the buffer can still hold the longest frame, and only
-    then moves to the front: so it never holds more than one frame beyond what one receive
-    brought, and rarely copies. feed(bytes) does the same for callers that hold bytes.
-    """
-
-    def __init__(self, header=HEADER, size=None):
-        self.header = header
-        size = size or RECV_SIZE
         self.buffer = bytearray(size)
         self.view = memoryview(self.buffer)
-        self.start = self.end = 0  # buffer[start:end]: received bytes not cut into packets yet
-        self.frames = 0  # whole frames cut so far
-        # The longest packet this end takes: what the length can state, as far as the buffer holds it.
-        self.max_packet = min(size // 2, longest_packet(header))
-        self.longest_frame = header.size + self.max_packet
+        self.kept = 0  # bytes of an unfinished frame at the front of the buffer
+        self.ended = False  # the peer closed its side in an orderly way
 
-    def space(self):
-        """The part of the buffer the next receive may fill."""
-        if self.start == self.end:  # every frame was cut: start again at the front, nothing to move
-            self.start = self.end = 0
-        elif len(self.buffer) - self.start < self.longest_frame:
-            # The frame that waits might not fit behind where it starts: move it to the front
-            # (the packets cut before it are written already).
-            waiting = self.end - self.start
-            self.buffer[:waiting] = self.view[self.start:self.end]
-            self.start, self.end = 0, waiting
-        return self.view[self.end:]
+    def send_queued(self):
+        """Send as much of the queued frames as the socket takes now -- many in one call."""
+        try:
+            del self.out[:self.sock.send(self.out)]
+        except self.would_block:  # the socket buffer is full: select() says when it drains
+            pass
+
+    def receive(self):
+        """Receive behind the kept bytes; return the count (0: the stream ended), None if nothing came."""
+        try:
+            return self.sock.recv_into(self.view[self.kept:])
+        except self.would_block:
+            return None
 
     def cut(self, count):
-        """`count` bytes were received into space(): yield the packets they completed."""
-        self.end += count
-        header, size, buffer = self.header, self.header.size, self.buffer
-        while self.end - self.start >= size:
-            (length,) = header.unpack_from(buffer, self.start)
-            if length > self.max_packet:
-                raise FrameError("a frame says it is %d bytes long: more than this end takes (%d); "
-                                 "is the peer running another wire format?" % (length, self.max_packet))
-            packet_start = self.start + size
-            if packet_start + length > self.end:
-                return
-            self.start = packet_start + length
-            self.frames += 1
-            yield self.view[packet_start:self.start]
-
-    def take(self, data):
-        """Bytes received somewhere else (a server's newcomer sent them): they are cut with the next receive."""
-        space = self.space()
-        space[:len(data)] = data
-        self.end += len(data)
-
-    def feed(self, data):
-        """Add received bytes; return the packets they completed (bytes; maybe none, maybe many)."""
-        packets, data = [], memoryview(data)
-        while data:
-            count = min(len(self.space()), len(data))
-            self.take(data[:count])
-            packets += [bytes(packet) for packet in self.cut(0)]
-            data = data[count:]
-        return packets
-
-    def preview(self, count):
-        """What `count` bytes received into space() will complete, without cutting anything:
-        (whole frames, bytes left over, the full size of the frame those begin, or None)."""
-        start, end, size = self.start, self.end + count, self.header.size
-        frames = 0
+        """Yield the packets the kept bytes and `count` new ones complete, as views of the buffer."""
+        end, start, size = self.kept + count, 0, self.header.size
         while end - start >= size:
-            frame_size = size + self.header.unpack_from(self.buffer, start)[0]
-            if start + frame_size > end:
-                return frames, end - start, frame_size
-            start += frame_size
-            frames += 1
-        return frames, end - start, None
+            (length,) = self.header.unpack_from(self.buffer, start)
+            if start + size + length > end:
+                break
+            start += size + length
+            yield self.view[start - length:start]
+        self.kept = end - start
+        self.view[:self.kept] = self.view[start:end]  # the next frame's start: to the front
 
-    def peek(self, count, size):
-        """The first `size` bytes waiting to be cut, once `count` bytes were received into space()."""
-        return bytes(self.view[self.start:min(self.end + count, self.start + size)])
-
-    def waiting(self):
-        """Bytes of an unfinished frame held for the next receive."""
-        return self.end - self.start
+    def finish(self):
+        """The stream has ended: in an orderly way, unless in the middle of a frame."""
+        if self.kept:
+            raise LinkEnded("connection ended in the middle of a frame (%d bytes of it came)" % self.kept)
+        self.ended = True
 
     def close(self):
-        """The stream has ended: raise FrameError if it ended in the middle of a frame."""
-        waiting = self.waiting()
-        if not waiting:
-            return
-        size = self.header.size
-        if waiting < size:
-            raise FrameError("connection ended in the middle of a frame header (%d of %d bytes)"
-                             % (waiting, size))
-        (length,) = self.header.unpack_from(self.buffer, self.start)
-        raise FrameError("connection ended in the middle of a frame (%d of %d bytes)"
-                         % (waiting, size + length))
+        """The connection is over: close it."""
+        self.sock.close()
 
 
-# ---------------------------------------------------------------------------------------
-# 5. The two directions: tap2net(), net2tap()
-# ---------------------------------------------------------------------------------------
+# ---- The two directions: tap2net(), net2tap() --------------------------------------------
 
 def tap2net(tunnel, link):
     """TAP2NET: read packets from the device until it is empty (or a batch is full); send them framed."""
     fd, debug, out, header = tunnel.fd, tunnel.debug, link.out, link.header  # looked up once per batch
-    limit = longest_packet(header)
     for _ in range(MAX_BATCH):
         try:
             packet = os.read(fd, tunnel.read_size)
         except BlockingIOError:
             break
         except OSError as err:  # EBADFD: the device was deleted under us; nothing more will come
-            raise UserError("cannot read from %s: %s (was the device removed?)"
-                            % (tunnel.name, err.strerror)) from None
+            raise UserError("cannot read from %s: %s" % (tunnel.name, err.strerror)) from None
         size = len(packet)
         tunnel.tap2net += 1
-        if debug:
-            log.debug("TAP2NET %d: Read %d bytes from the tap interface", tunnel.tap2net, size)
-            if debug > 1:
-                log_packet("TAP2NET", tunnel, packet, header)
-        if size > limit:
-            tunnel.dropped += 1
-            log.warning("TAP2NET %d: dropped: a %d-byte packet does not fit the %d-byte length of the "
-                        "wire format (lower the MTU of %s)", tunnel.tap2net, size, header.size, tunnel.name)
-            continue
-        out += header.pack(size)  # two appends, not frame(): saves copying the packet once more
+        if debug:  # the original's words: it says "tap interface" for a tun device too
+            log.debug("TAP2NET %d: Read %d bytes from the tap interface", tunnel.tap2net, size,
+                      extra={"packet": packet})
+        out += header.pack(size)  # the length and the packet, both queued: they go in one send
         out += packet
-        tunnel.tap2net_bytes += size
         if debug:
             log.debug("TAP2NET %d: Written %d bytes to the network", tunnel.tap2net, size)
         if len(out) >= OUT_LIMIT:
             break
-    if out:  # send right away, in the same wake-up: a frame never waits for the next one
-        send_queued(link)
+    link.send_queued()  # right away, in the same wake-up: a frame never waits for the next one
 
 
 def net2tap(tunnel, link):
     """NET2TAP: receive what TCP has; write each packet it completes to the device, one write each."""
-    count = receive(link)
+    count = link.receive()
     if count is None:  # nothing there after all
         return
-    deframer = link.deframer
-    if not count:  # the end of the stream: orderly, unless it ends inside a frame
-        deframer.close()
-        link.ended = True
+    if not count:  # the end of the stream
+        link.finish()
         return
     fd, debug = tunnel.fd, tunnel.debug
-    if not deframer.frames:  # the first frame says what kind of peer this is
-        check_first_frame(tunnel, deframer, count)
-    if debug > 1:
-        log_receive(deframer, count)
-    for packet in deframer.cut(count):
+    for packet in link.cut(count):
         size = len(packet)
         tunnel.net2tap += 1
         if debug:
-            log.debug("NET2TAP %d: Read %d bytes from the network", tunnel.net2tap, size)
-            if debug > 1 and size:
-                log_packet("NET2TAP", tunnel, packet)
-        if not size:  # the kernel would refuse it; the C original would die on it
-            if debug:
-                log.debug("NET2TAP %d: skipped an empty frame", tunnel.net2tap)
-            continue
-        writing = time.monotonic() if debug else 0  # the moment the packet reaches the device: see stamped()
+            log.debug("NET2TAP %d: Read %d bytes from the network", tunnel.net2tap, size,
+                      extra={"packet": packet})
         try:
-            # A tun/tap write takes the whole packet or fails: there is no short write to resume.
-            os.write(fd, packet)
-        except OSError as err:
-            note_refusal(tunnel, size, err)
+            os.write(fd, packet)  # a tun/tap write takes the whole packet or fails: no short writes
+        except OSError as err:  # the device is down (EIO), or this is no packet for it (EINVAL)
+            tunnel.dropped += 1  # the C original died here; we drop the packet and carry on
+            log.warning("NET2TAP %d: %s refused a %d-byte packet: %s", tunnel.net2tap, tunnel.name, size,
+                        err.strerror)
             continue
-        if tunnel.refusing:
-            log.warning("NET2TAP %d: %s accepts packets again (%d refused before this one)",
-                        tunnel.net2tap, tunnel.name, tunnel.refusing)
-            tunnel.refusing = 0
-        tunnel.net2tap_bytes += size
         if debug:
-            log.debug("NET2TAP %d: Written %d bytes to the tap interface", tunnel.net2tap, size,
-                      extra={"happened": writing})
+            log.debug("NET2TAP %d: Written %d bytes to the tap interface", tunnel.net2tap, size)
 
 
-# "Not now, ask select() again": a full or empty socket, or (TLS) an incomplete record
-WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# ---- The select loop: relay() ------------------------------------------------------------
 
-
-def send_queued(link):
-    """Send as much of the queued frames as the socket takes now -- many in one call -- and drop what went."""
+def relay(tunnel, link, selector):
+    """Copy packets both ways between the device and the link, until the peer closes it in an orderly
+    way (LinkEnded or OSError if it breaks). Each fd is registered with the function that handles it;
+    the selector may watch other fds already (a server's extras do), whose handlers run here too."""
+    selector.register(link.sock, selectors.EVENT_READ, lambda events: link_ready(tunnel, link, events))
+    reading = writing = False  # what we watch: the device for reading, the socket for writing
     try:
-        sent = link.sock.send(link.out)
-    except WOULD_BLOCK:  # the socket buffer is full: select() tells us when it drains
-        return
-    del link.out[:sent]
-
-
-def receive(link):
-    """Receive into the deframer's buffer; return the byte count (0: the stream ended), None if nothing came."""
-    try:
-        return link.sock.recv_into(link.deframer.space())
-    except WOULD_BLOCK:
-        return None
-
-
-REFUSAL_HINTS = {
-    errno.EIO: "is the device down? (ip link set %s up)",
-    errno.EINVAL: "not a packet the device can carry (garbage, or the peer uses the other mode: -u/-a)",
-}
-
-
-def note_refusal(tunnel, size, err):
-    """Count a packet the kernel would not take; warn at the first of a run, not for every packet."""
-    tunnel.dropped += 1
-    tunnel.refusing += 1
-    if tunnel.refusing == 1:
-        hint = REFUSAL_HINTS.get(err.errno, "").replace("%s", tunnel.name)
-        log.warning("NET2TAP %d: %s refused a %d-byte packet: %s%s; dropping packets until it accepts one",
-                    tunnel.net2tap, tunnel.name, size, err.strerror, " -- " + hint if hint else "")
-
-
-# ---------------------------------------------------------------------------------------
-# 6. The select loop: relay()
-# ---------------------------------------------------------------------------------------
-
-def relay(tunnel, link, room=None):
-    """Copy packets both ways between the device and the link, until the link ends.
-
-    Returns when the peer closes in an orderly way; raises FrameError if it vanished in the
-    middle of a frame, OSError (ssl.SSLError included) if the connection broke. A server
-    passes its waiting `room` (section 9): the loop then also admits newcomers, and raises
-    LinkReplaced when one of them takes this link's place.
-    """
-    with selectors.DefaultSelector() as selector:
-        # Each fd is registered with the function that handles it: tap2net() for the device,
-        # link_ready() for the connection, the room's own handlers for everyone else.
-        link.on_device = lambda events: tap2net(tunnel, link)
-        selector.register(link.sock, selectors.EVENT_READ, lambda events: link_ready(tunnel, link, events))
-        if room:
-            room.watch(selector, link)
         while not link.ended:
-            if link.out or link.watching is not CALM:  # the usual case costs one test per wake-up
-                watch_what_can_move(selector, tunnel, link)
-            # No timeout: an idle tunnel sleeps here until there is work. (EINTR is retried for us.)
-            # Only a newcomer's deadline sets one.
-            for key, events in selector.select(room.timeout() if room else None):
+            # Read the device only while the queue has room, watch the socket for writing only while
+            # frames wait. When the peer stops reading we stop reading the device but keep receiving:
+            # the peer may be waiting for us to take its data before it takes ours.
+            if reading != (len(link.out) < OUT_LIMIT):
+                reading = not reading
+                if reading:
+                    selector.register(tunnel.fd, selectors.EVENT_READ, lambda events: tap2net(tunnel, link))
+                else:
+                    selector.unregister(tunnel.fd)
+            if writing != bool(link.out):
+                writing = not writing
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+                selector.modify(link.sock, events, selector.get_key(link.sock).data)
+            for key, events in selector.select():  # no timeout: an idle tunnel sleeps here
                 key.data(events)
-            if room:
-                room.expire()
+    finally:
+        selector.unregister(link.sock)
+        if reading:
+            selector.unregister(tunnel.fd)
 
 
 def link_ready(tunnel, link, events):
     """The connection can move bytes: send what is queued, receive what has come."""
     if events & selectors.EVENT_WRITE:
-        send_queued(link)
+        link.send_queued()
     if events & selectors.EVENT_READ:
         net2tap(tunnel, link)
-        while link.tls and decrypted_waiting(link.sock) and not link.ended:  # see section 8
-            net2tap(tunnel, link)
 
 
-def watch_what_can_move(selector, tunnel, link):
-    """Watch the device only while the outgoing queue has room, the socket for writing only while
-    frames wait: when the peer stops reading, we stop reading the device but keep receiving, since
-    the peer may be waiting for us to drain its data before it can drain ours."""
-    wanted = (len(link.out) < OUT_LIMIT, bool(link.out))
-    if wanted == CALM:
-        wanted = CALM  # the very object, so that relay() can tell it at a glance
-    if wanted == link.watching:
-        link.watching = wanted
-        return
-    device, writable = wanted
-    if link.watching is None or device != link.watching[0]:
-        if device:
-            selector.register(tunnel.fd, selectors.EVENT_READ, link.on_device)
-        elif link.watching is not None:
-            selector.unregister(tunnel.fd)
-    events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)
-    selector.modify(link.sock, events, selector.get_key(link.sock).data)
-    link.watching = wanted
+# ---- Server and client: serve(), run_client() --------------------------------------------
+
+def accept_client(listener):
+    """Wait for the next client; return its Link."""
+    sock, address = listener.accept()
+    log.info("SERVER: Client connected from %s", address[0])
+    return Link(tune(sock), address[0])
 
 
-# ---------------------------------------------------------------------------------------
-# 7. Server and client: serve(), run_client()
-# ---------------------------------------------------------------------------------------
+def serve(tunnel, listener, next_client=None, selector=None):
+    """Server: serve one client at a time; when it leaves, keep the device and serve the next.
 
-def serve(tunnel, args, tls=None):
-    """Server: serve one client at a time; when it leaves, keep the device and serve the next."""
-    with listen_on(args.port, args.bind) as listener:
-        log.info("SERVER: listening on port %d", args.port)
-        room = WaitingRoom(listener, tunnel, tls)  # who may take the one client slot: section 9
-        try:
-            while True:
-                link = room.next_client()
-                try:
-                    relay_until_closed(tunnel, link, "SERVER", room)
-                except KeyboardInterrupt:  # Ctrl-C or SIGTERM: an orderly goodbye before we go
-                    close_link(link.sock)
-                    raise
-                room.leave(link)
-                log.debug("SERVER: waiting for the next client")
-        finally:
-            room.close()
+    next_client() returns the next client's Link (default: whoever connects next); the selector
+    is the one the loop uses, and may watch more fds while a client is served.
+    """
+    with selector or selectors.DefaultSelector() as selector:
+        while True:
+            with contextlib.closing(next_client() if next_client else accept_client(listener)) as link:
+                relay_until_closed(tunnel, link, "SERVER", selector)
 
 
-def run_client(tunnel, args, tls=None):
-    """Client: relay until the server goes away; exit status 0 if it closed cleanly, else 1."""
-    sock = connect_to(args.client, args.port)
+def run_client(tunnel, host, port, make_link=Link):
+    """Client: relay until the server goes away; exit status 0 if it closed cleanly, else 1.
+    make_link(sock, address) turns the connection into a Link."""
+    with contextlib.closing(make_link(connect_to(host, port), host)) as link:
+        with selectors.DefaultSelector() as selector:
+            return 0 if relay_until_closed(tunnel, link, "CLIENT", selector) else 1
+
+
+def relay_until_closed(tunnel, link, side, selector):
+    """Run relay() on one link; say how it ended in one line; True if the peer closed it in order."""
     try:
-        if tls:
-            sock = secure_client(sock, tls)
-        link = Link(sock, args.client, OFFLOAD_HEADER if tunnel.offload else HEADER)
-        if tunnel.offload:
-            try:
-                greet_server(link)
-            except PeerMismatch as err:
-                log.warning("CLIENT: %s", err)
-                return 1
-        tunnel.served = True
-        return 0 if relay_until_closed(tunnel, link, "CLIENT") else 1
-    finally:
-        close_link(sock)
-
-
-def relay_until_closed(tunnel, link, side, room=None):
-    """Run relay() on one link; log how it ended in one line; True if it ended in an orderly way."""
-    try:
-        relay(tunnel, link, room)
-    except FrameError as err:
-        log.warning("%s: the peer vanished: %s", side, err)
-    except (PeerMismatch, LinkReplaced) as err:
+        relay(tunnel, link, selector)
+    except LinkEnded as err:
         log.warning("%s: %s", side, err)
-    except OSError as err:  # ssl.SSLError is one too: see explain_tls_ending()
-        log.warning("%s: %s", side, explain_tls_ending(err, link) if isinstance(err, ssl.SSLError)
-                    else "connection lost: %s" % (err.strerror or err))
+    except OSError as err:
+        log.warning("%s: connection lost: %s", side, err.strerror or err)
     else:
-        if link.deframer.frames or side == "SERVER":
-            log.warning("%s: the peer closed the connection", side)
-            return True
-        # A client the server never sent a frame to was probably not served at all.
-        log.warning("CLIENT: the server closed the connection without sending a packet: it serves one "
-                    "client at a time (is another one connected?), or runs with other options "
-                    "(--tls, --offload, -u/-a); its log says which")
+        log.warning("%s: the peer closed the connection", side)
+        return True
     return False
 
 
+# ---- The command line: make_parser(), run(), main() --------------------------------------
+
+def interface_name(text):
+    """argparse type: a name the kernel takes for an interface (a struct ifreq holds 15 bytes and a NUL)."""
+    if not 0 < len(text.encode()) < 16 or "/" in text or " " in text:
+        raise argparse.ArgumentTypeError("an interface name is 1 to 15 bytes, no '/' or spaces: %r" % text)
+    return text
+
+
+def port_number(text):
+    """argparse type: a TCP port."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError("a port is a number from 1 to 65535, not %r" % text)
+    return int(text)
+
+
+def make_parser(required=True):
+    """The original's flags, with long forms: -i NAME, -s | -c HOST, -p PORT, -u | -a, -d, -h.
+    (An extra that needs neither an interface nor a role, the demo, asks for required=False.)"""
+    parser = argparse.ArgumentParser(prog="simpletun.py", description="A tun/tap tunnel over TCP.")
+    parser.add_argument("-i", "--iface", metavar="NAME", type=interface_name, required=required,
+                        help="tun/tap interface to use, made if it does not exist")
+    role = parser.add_mutually_exclusive_group(required=required)
+    role.add_argument("-s", "--server", action="store_true", help="run as server: wait for a client")
+    role.add_argument("-c", "--client", metavar="HOST", help="run as client: connect to HOST")
+    parser.add_argument("-p", "--port", type=port_number, default=PORT, help="TCP port (default %(default)s)")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("-u", "--tun", dest="tap", action="store_false", default=False,
+                      help="use a TUN device (default)")
+    kind.add_argument("-a", "--tap", dest="tap", action="store_true", help="use a TAP device")
+    parser.add_argument("-d", "--debug", action="count", default=0, help="log every packet")
+    return parser
+
+
+def run(start):
+    """Call start(); turn how it ends into an exit status and at most one line."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a run as Ctrl-C does
+    try:
+        return start()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the device and the connection are closed
+        return 0
+    except UserError as err:
+        print("simpletun.py: error: %s" % err, file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug, not bad input: one line, and the traceback only with -d
+        log.debug("unexpected error", exc_info=True)
+        print("simpletun.py: unexpected error: %s: %s" % (type(err).__name__, err), file=sys.stderr)
+        return 1
+
+
+def tunnel_end(args):
+    """Open the device, then serve (-s) or connect (-c) until the end; return the exit status."""
+    tunnel = Tunnel(*tun_alloc(args.iface, IFF_TAP if args.tap else IFF_TUN), args.debug)
+    log.debug("Successfully connected to interface %s", tunnel.name)
+    try:
+        if args.client:
+            return run_client(tunnel, args.client, args.port)
+        with listen_on(args.port) as listener:
+            log.info("SERVER: listening on port %d", args.port)
+            serve(tunnel, listener)
+    finally:
+        os.close(tunnel.fd)
+
+
+def main(argv=None):
+    """Run one end of the tunnel, as the original's command line says; return the exit status."""
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.DEBUG if args.debug else logging.WARNING)
+    return run(lambda: tunnel_end(args))
+
+
 # =======================================================================================
-# Everything below is an extra: the options and safeguards the tunnel above calls on,
-# each from one or two places. Read the tunnel first; come here when a call leads here.
+# Everything below is an extra: each attaches to the tunnel above through a parameter,
+# a subclass or a logging handler the tunnel offers, and the tunnel never calls it.
 # =======================================================================================
 
-# ---------------------------------------------------------------------------------------
-# 8. TLS (--tls): tls_context(), secure_client(), tls_goodbye(), decrypted_waiting()
-#    Both ends hold a certificate and its key; each accepts exactly one certificate from the
-#    other (the same one, unless --tls-peer names another). No CA, no host names: holding the
-#    key is what makes a host a member of the private network. (The server's handshakes run
-#    side by side in section 9, never one after another.)
-# ---------------------------------------------------------------------------------------
+import collections  # noqa: E402 -- the extras' own imports: the tunnel above needs none of them
+import heapq  # noqa: E402
+import ipaddress  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import select  # noqa: E402
+import shutil  # noqa: E402
+import ssl  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+__version__ = "2.0.0"
+
+# The extras, in the order a student meets them:
+#    1. ExtraLink: the full program's link (a subclass of Link)   2. TLS (--tls)
+#    3. the server's waiting room (WaitingRoom: the selector serve() uses)
+#    4. --addr/--mtu   5. what a line is about: -dd, -ddd, the demo's stamps (the Lines handler)
+#    6. --offload (the frame header and the read size)   7. --udp (a datagram link)
+#    8. the demo and the bench (--demo)   9. the full command line (full_main)
+
+
+# ---- 1. The full program's link: ExtraLink --------------------------------------------------
+#      One subclass of Link adds what the tunnel above leaves out: an orderly goodbye, keepalive,
+#      TLS (its own "not now" errors, bytes it decrypted that select() cannot see), the -dd line
+#      for each receive, and one line that says why a link ended before its first packet.
+
+# Noticing a peer that vanished without a word (power cut, cable pulled): keepalive probes after
+# 20 s of silence, 4 probes 5 s apart; data unacknowledged for 40 s ends the connection.
+KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 20),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
+             (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 40_000))
+GOODBYE_TIME = 2  # seconds we wait for the peer's half of an orderly close
+# "Not now, ask select() again": a full or empty socket, or (TLS) an incomplete record
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+EVICTED = ("the server reset the connection before it served this end: its waiting room was full "
+           "(a flood of connections?); start the client again")
+UNSERVED = ("the server closed the connection without sending a packet: it serves one client at a "
+            "time (is another one connected?), or runs with other options (--tls, --offload, -u/-a); "
+            "its log says which")
+
+
+class PeerMismatch(LinkEnded):
+    """The peer runs with other options than this end (--offload, -u/-a): say which, end cleanly."""
+
+
+def keep_alive(sock):
+    """Tune a TCP connection as the tunnel does, and let keepalive notice a vanished peer."""
+    for option in KEEPALIVE:
+        sock.setsockopt(*option)
+    return tune(sock)
+
+
+class ExtraLink(Link):
+    """A Link with a goodbye, keepalive, TLS, the -dd receive line, and a reason for an early end."""
+
+    would_block = WOULD_BLOCK
+
+    def __init__(self, sock, address, header=HEADER, size=RECV_SIZE, debug=0, heard=False):
+        super().__init__(sock, address, header, size)
+        self.tls, self.debug = isinstance(sock, ssl.SSLSocket), debug
+        self.heard = heard  # the peer sent something: a server admits a peer only once it has
+
+    def receive(self):
+        """Link.receive(), and with TLS what it decrypted beyond; a broken link says why."""
+        if self.kept == len(self.buffer):
+            raise LinkEnded("a frame longer than this end's buffer (%d bytes): is the peer running "
+                            "another wire format?" % self.kept)
+        try:
+            count = super().receive()
+            while count and self.tls and self.sock.pending() and self.kept + count < len(self.buffer):
+                # bytes TLS decrypted already: select() cannot see them, so take them now
+                count += self.sock.recv_into(self.view[self.kept + count:])
+        except ssl.SSLError as err:
+            raise LinkEnded(explain_tls_ending(err, self)) from None
+        except ConnectionResetError:
+            if self.heard:
+                raise
+            raise LinkEnded(EVICTED) from None
+        if count and not self.heard:
+            self.heard = True
+            if self.header is HEADER and bytes(self.view[:len(GREETING_FRAME)]) == GREETING_FRAME:
+                raise PeerMismatch("the peer runs with --offload, this end without: start both ends with "
+                                   "--offload, or neither")
+        if count and self.debug > 1:
+            log_receive(self, count)
+        return count
+
+    def finish(self):
+        """Link.finish(); a server that closes before sending anything probably served someone else."""
+        super().finish()
+        if not self.heard:
+            raise LinkEnded(UNSERVED)
+
+    def close(self):
+        """Close without a reset: TLS close_notify, our FIN, then what comes until the peer's.
+        (Closing a socket that holds unread bytes makes the kernel send a reset: the peer would
+        report a broken connection instead of an orderly end.)"""
+        try:
+            if self.tls:
+                tls_goodbye(self.sock)
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + GOODBYE_TIME
+            while select.select([self.sock], [], [], max(0, deadline - time.monotonic()))[0]:
+                if not self.sock.recv(65536):
+                    break
+        except (OSError, ValueError):  # the peer is gone already
+            pass
+        finally:
+            self.sock.close()
+
+
+# ---- 2. TLS (--tls): tls_context(), secure_client(), tls_goodbye() --------------------------
+#      Both ends hold a certificate and its key; each accepts exactly one certificate from the
+#      other (the same one, unless --tls-peer names another). No CA, no host names: holding the
+#      key is what makes a host a member of the private network. The client's handshake runs
+#      before the link is made (run_client's make_link); the server's run side by side in the
+#      waiting room (section 3).
 
 PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 HANDSHAKE_TIMEOUT = 5  # seconds for a TLS handshake (and, with --offload, the greeting after it)
 TLS_HANDSHAKE_RECORD = (b"\x16\x03\x01", b"\x16\x03\x02", b"\x16\x03\x03")  # how a ClientHello starts
-OP_IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0x80)  # SSL_OP_IGNORE_UNEXPECTED_EOF, openssl/ssl.h
+OP_IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0x80)  # openssl/ssl.h
 
 
 def tls_context(server, own_file, peer_file=None):
@@ -780,7 +618,7 @@ def cut_without_goodbye(err):
 def explain_tls_ending(err, link):
     """One line for a TLS connection that ended without an orderly goodbye."""
     if cut_without_goodbye(err):
-        if not link.deframer.frames:
+        if not link.heard:
             return "connection lost right after the TLS handshake, with no TLS goodbye: the peer " \
                    "refused this end (is this end's certificate the one it pins, and not one signed by it?)"
         return "connection lost: the peer ended the TLS connection without a goodbye (close_notify): " \
@@ -812,39 +650,37 @@ def secure_client(sock, tls):
 def tls_goodbye(sock):
     """Send TLS close_notify, so the peer can tell an orderly end from a cut connection."""
     try:
-        sock.unwrap()  # sends close_notify; waiting for the peer's is close_link()'s job
+        sock.unwrap()  # sends close_notify; waiting for the peer's is ExtraLink.close()'s job
     except (ssl.SSLError, OSError, ValueError):  # SSLWantRead: ours is sent, theirs not here yet
         pass
 
 
-def decrypted_waiting(sock):
-    """Bytes a TLS socket has already decrypted: select() cannot see them, the kernel has no more."""
-    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
+# ---- 3. Who gets the server's one client slot: WaitingRoom ----------------------------------
+#      The room is the selector serve() uses (its next_client and selector seams). It accepts
+#      every connection at once, even while a client is served, and keeps it with a deadline
+#      until it proves it is a tunnel end:
+#        --tls       a completed handshake with the pinned certificate (handshakes run side by
+#                    side, non-blocking); the newest proven connection takes the slot, even from
+#                    a client that is still there: a restarted client is back at once.
+#        plaintext   a first frame that is a plausible packet for the mode; an empty frame, noise,
+#                    a TLS handshake or a port scanner is not. The client being served keeps the
+#                    slot; a newcomer that proves itself meanwhile is turned away at once, and one
+#                    that stays silent after PROOF_TIMEOUT s.
+#        --offload   the peer's greeting (section 6), after the handshake with --tls.
+#      When the room is full the longest waiting newcomer is reset: a flood cannot keep a real
+#      client out. Nothing a newcomer does (reset, close, garbage) costs more than its connection,
+#      and under a flood the refusals are counted, not printed one by one.
 
-# ---------------------------------------------------------------------------------------
-# 9. Who gets the server's one client slot: WaitingRoom, first_frame_verdict()
-#
-#    The server accepts every connection at once, even while it serves a client, and keeps
-#    it in a bounded waiting room with a deadline until it proves it is a tunnel end:
-#      --tls       a completed handshake with the pinned certificate (handshakes run side
-#                  by side, non-blocking); the newest proven connection takes the slot, even
-#                  from a client that is still there: a restarted client is back at once.
-#      plaintext   a first frame that is a plausible packet for the mode; an empty frame,
-#                  noise, a TLS handshake or a port scanner is not. The client being served
-#                  keeps the slot; a newcomer that proves itself meanwhile is turned away at
-#                  once, and one that stays silent after PROOF_TIMEOUT s: the client hears
-#                  the close, and says what it means.
-#      --offload   the peer's greeting (section 12), after the handshake with --tls.
-#    When the room is full the longest waiting newcomer leaves: a flood cannot keep a real
-#    client out, and every newcomer's fate is one log line.
-# ---------------------------------------------------------------------------------------
-
-LISTEN_BACKLOG = 128  # connections the kernel queues before we accept them: we accept at once
 MAX_NEWCOMERS = 32  # connections waiting to prove themselves at once; the oldest leaves for a new one
-MAX_CLOSING = 64  # connections we are saying goodbye to at once (see close_link)
+MAX_CLOSING = 64  # connections we are saying goodbye to at once
 PROOF_TIMEOUT = 5  # seconds a plaintext newcomer may stay silent while another client is served
 PROOF_BYTES = {"tun": 6, "tap": 14}  # how much of a first packet tells whether it is one (see below)
+REPORT_EVERY = 10  # seconds: refusals of a kind after the first are summed up this often
+
+
+class LinkReplaced(LinkEnded):
+    """A server's client gives its place to a newer one that proved itself (--tls)."""
 
 
 class Newcomer:
@@ -857,172 +693,182 @@ class Newcomer:
         self.head = b""  # the first bytes it sent, until they decide
 
 
-class WaitingRoom:
-    """The server's listening socket, its newcomers and the connections it is closing."""
+def plain_address(address):
+    """An IP address as a person writes it (an IPv4 client of an IPv6 socket loses '::ffff:')."""
+    return address[7:] if address.startswith("::ffff:") else address
 
-    def __init__(self, listener, tunnel, tls=None):
+
+class WaitingRoom(selectors.DefaultSelector):
+    """The server's selector: the listener, the newcomers and the connections being closed, with
+    their deadlines, besides what relay() registers (the device and the served link)."""
+
+    def __init__(self, listener, tunnel, args, tls=None):
+        super().__init__()
         self.listener, self.tunnel, self.tls = listener, tunnel, tls
+        self.tap, self.offload, self.debug = args.tap, args.offload, args.debug
         self.newcomers = {}  # socket -> Newcomer
         self.closing = {}  # socket -> deadline
         self.active = None  # the Link being served
         self.proven = None  # a Link that proved itself and waits for the slot
-        self.selector = None
+        self.refused = collections.Counter()  # refusals by kind since the last report
+        self.said, self.unsaid = set(), 0  # reasons named since the last report; refusals not named
+        self.report_at = None
+        listener.setblocking(False)
+        self.register(listener, selectors.EVENT_READ, self.accept)
 
-    # -- the loop's side: registration, deadlines ------------------------------------------
+    # -- the loop's side: deadlines ---------------------------------------------------------
 
-    def watch(self, selector, active=None):
-        """Register the listener, the newcomers and the closing connections with a loop's selector."""
-        self.selector, self.active = selector, active
-        selector.register(self.listener, selectors.EVENT_READ, self.accept)
-        for sock, newcomer in self.newcomers.items():
-            selector.register(sock, selectors.EVENT_READ, self.handler(newcomer))
-        for sock in self.closing:
-            selector.register(sock, selectors.EVENT_READ, self.handler(sock))
-
-    def handler(self, who):
-        """The function the loop calls when a newcomer or a closing connection has something."""
-        if isinstance(who, Newcomer):
-            return lambda events: self.advance(who)
-        return lambda events: self.drain(who)
-
-    def timeout(self):
-        """Seconds until the next deadline, or None if nothing waits for one."""
-        if not self.newcomers and not self.closing:  # the usual case, once per wake-up: keep it cheap
-            return None
+    def select(self, timeout=None):
+        """Send away whoever's time is up, then wait as the loop asks, but not past the next deadline."""
+        if not self.newcomers and not self.closing and not self.report_at:  # the usual case: cheap
+            return super().select(timeout)
+        self.expire()
         deadlines = [self.deadline_of(n) for n in self.newcomers.values()] + list(self.closing.values())
-        deadlines = [d for d in deadlines if d is not None]
-        return max(0, min(deadlines) - time.monotonic()) if deadlines else None
+        deadlines = [d for d in deadlines + [self.report_at] if d is not None]
+        return super().select(max(0, min(deadlines) - time.monotonic()) if deadlines else timeout)
 
     def deadline_of(self, newcomer):
         """A handshake or a greeting has its own deadline; a silent plaintext newcomer has one only
-        while another client is being served."""
+        while another client is served."""
         if newcomer.deadline is not None:
             return newcomer.deadline
         return newcomer.arrived + PROOF_TIMEOUT if self.active else None
 
     def expire(self):
-        """Send away every newcomer whose time is up; close goodbyes that take too long."""
-        if not self.newcomers and not self.closing:
-            return
+        """Send away every newcomer whose time is up; close goodbyes that take too long; report."""
         now = time.monotonic()
         for newcomer in list(self.newcomers.values()):
             deadline = self.deadline_of(newcomer)
             if deadline is not None and now >= deadline:
-                self.send_away(newcomer, self.what_is_missing(newcomer), orderly=False)
+                self.send_away(newcomer, "silent", self.what_is_missing(newcomer), "cut")
         for sock, deadline in list(self.closing.items()):
             if now >= deadline:
                 self.forget(sock)
+        if self.report_at and now >= self.report_at:
+            if self.unsaid:
+                log.warning("SERVER: refused %d connection(s) in the last %d s (%d not named above): %s",
+                            sum(self.refused.values()), REPORT_EVERY, self.unsaid,
+                            ", ".join("%d %s" % (n, kind) for kind, n in sorted(self.refused.items())))
+            self.refused.clear()
+            self.said.clear()
+            self.report_at, self.unsaid = None, 0
 
     def what_is_missing(self, newcomer):
         """Why a newcomer whose deadline passed is sent away."""
         if newcomer.handshaking:
             return "no TLS handshake within %d s: does it run with --tls?" % HANDSHAKE_TIMEOUT
-        if self.tunnel.offload:
+        if self.offload:
             return "no --offload greeting within %d s: it runs without --offload" % HANDSHAKE_TIMEOUT
         return "it sent no packet within %g s while %s is being served" % (
             PROOF_TIMEOUT, self.active.address if self.active else "another client")
 
-    # -- newcomers -------------------------------------------------------------------------
+    def refuse(self, address, kind, why):
+        """Say why a newcomer leaves: each reason once, with its address, then (a flood) counted."""
+        self.refused[kind] += 1
+        reason = re.sub(r"[0-9.]+", "#", why)  # "its first frame (40 bytes)..." and "(41 bytes)" alike
+        if reason not in self.said:
+            self.said.add(reason)
+            log.warning("SERVER: refused %s: %s", address, why)
+        else:
+            self.unsaid += 1
+        if self.report_at is None:
+            self.report_at = time.monotonic() + REPORT_EVERY
+
+    # -- newcomers ------------------------------------------------------------------------
 
     def next_client(self):
-        """Wait, admitting newcomers, until one proves itself; return its Link."""
-        with selectors.DefaultSelector() as selector:
-            self.watch(selector)
-            while not self.proven:
-                for key, events in selector.select(self.timeout()):
-                    key.data(events)
-                self.expire()
-        link, self.proven = self.proven, None
-        self.selector = None
+        """serve()'s next_client: admit newcomers until one proves itself; return its Link."""
+        self.active = None
+        while not self.proven:
+            for key, events in self.select():
+                key.data(events)
+        self.active, self.proven = self.proven, None
         self.tunnel.served = True
-        return link
+        return self.active
 
     def accept(self, events):
         """A newcomer knocks: let it in at once, and give it a deadline."""
         try:
-            sock, _ = self.listener.accept()
+            sock, address = self.listener.accept()
         except OSError:  # it left before we got to it (or we are out of fds): nothing to do
             return
+        address = plain_address(address[0])
         try:
-            tune_link(sock)
-            address = peer_address(sock)
-        except OSError:  # it reset the connection already
+            keep_alive(sock)
+            deadline = time.monotonic() + HANDSHAKE_TIMEOUT if self.tls or self.offload else None
+            if self.tls:
+                sock = wrap_tls(sock, self.tls, server_side=True)
+            elif self.offload:
+                sock.send(GREETING_FRAME)  # 15 bytes into an empty socket buffer
+        except OSError as err:  # it reset the connection already
             sock.close()
+            self.refuse(address, "reset", "it reset the connection at once (%s)" % (err.strerror or err))
             return
         if len(self.newcomers) >= MAX_NEWCOMERS:
             oldest = min(self.newcomers.values(), key=lambda n: n.arrived)
-            self.send_away(oldest, "the waiting room is full (%d): the longest waiting leaves for %s"
-                           % (MAX_NEWCOMERS, address), orderly=False)
-        deadline = None
-        if self.tls:
-            sock = wrap_tls(sock, self.tls, server_side=True)
-            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-        elif self.tunnel.offload:
-            send_greeting(sock)
-            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+            self.send_away(oldest, "evicted", "the waiting room is full (%d): the longest waiting leaves "
+                           "for %s" % (MAX_NEWCOMERS, address), "reset")
         newcomer = Newcomer(sock, address, deadline)
         self.newcomers[sock] = newcomer
-        self.selector.register(sock, selectors.EVENT_READ, self.handler(newcomer))
+        self.register(sock, selectors.EVENT_READ, lambda events: self.advance(newcomer))
         log.debug("SERVER: connection from %s: waiting for it to prove itself (%s; %d waiting)", address,
-                  "TLS handshake" if self.tls else "--offload greeting" if self.tunnel.offload
-                  else "a first packet", len(self.newcomers))
+                  "TLS handshake" if self.tls else "--offload greeting" if self.offload else "a first packet",
+                  len(self.newcomers))
         self.advance(newcomer)  # a TLS server speaks second, but try: it may all be there already
 
     def advance(self, newcomer):
         """A newcomer sent something: take the handshake a step further, or read its first bytes."""
         sock = newcomer.sock
+        if self.newcomers.get(sock) is not newcomer:  # sent away earlier in this wake-up
+            return
         try:
             if newcomer.handshaking:
                 sock.do_handshake()
                 newcomer.handshaking = False
                 if not pinned(sock, self.tls):
-                    self.send_away(newcomer, "its certificate is not the pinned one (--tls-peer)", orderly=False)
-                    return
-                if not self.tunnel.offload:
-                    self.admit(newcomer)
-                    return
-                send_greeting(sock)
+                    return self.send_away(newcomer, "refused", "its certificate is not the pinned one "
+                                          "(--tls-peer)", "cut")
+                if not self.offload:
+                    return self.admit(newcomer)
+                sock.send(GREETING_FRAME)
             while True:  # TLS: the first bytes may already be decrypted, where select() cannot see them
-                data = sock.recv(proof_size(newcomer.head, self.tunnel) - len(newcomer.head))
+                data = sock.recv(proof_size(newcomer.head, self.tap, self.offload) - len(newcomer.head))
                 if not data:
-                    self.send_away(newcomer, "it closed the connection without greeting: it runs without --offload"
-                                   if self.tunnel.offload and not newcomer.head else
-                                   "it closed the connection after %d bytes, without proving itself"
-                                   % len(newcomer.head), orderly=False)
-                    return
+                    return self.send_away(newcomer, "closed", "it closed the connection without greeting: it "
+                                          "runs without --offload" if self.offload and not newcomer.head else
+                                          "it closed the connection after %d bytes, without proving itself"
+                                          % len(newcomer.head), "cut")
                 newcomer.head += data
-                verdict = first_frame_verdict(newcomer.head, self.tunnel)
-                if verdict == PROVEN:
-                    self.admit(newcomer)
-                    return
-                if verdict != WAIT:
-                    self.send_away(newcomer, verdict, orderly=True)
-                    return
+                verdict = first_frame_verdict(newcomer.head, self.tap, self.offload)
+                if verdict is PROVEN:
+                    return self.admit(newcomer)
+                if verdict is not WAIT:
+                    return self.send_away(newcomer, "not a tunnel end", verdict, "orderly")
         except ssl.SSLWantWriteError:
-            self.selector.modify(sock, selectors.EVENT_WRITE, self.handler(newcomer))
+            self.modify(sock, selectors.EVENT_WRITE, self.get_key(sock).data)
         except WOULD_BLOCK:
-            self.selector.modify(sock, selectors.EVENT_READ, self.handler(newcomer))
+            self.modify(sock, selectors.EVENT_READ, self.get_key(sock).data)
         except OSError as err:  # ssl.SSLError is one too
             why = explain_tls(err) if isinstance(err, ssl.SSLError) else err.strerror or str(err)
-            self.send_away(newcomer, why, orderly=False)
+            self.send_away(newcomer, "TLS failed" if isinstance(err, ssl.SSLError) else "reset", why, "cut")
 
     def admit(self, newcomer):
         """A newcomer proved itself: it takes the slot, or (plaintext, slot taken) is turned away."""
-        del self.newcomers[newcomer.sock]
-        self.selector.unregister(newcomer.sock)
+        self.leave_room(newcomer)
         holder = self.active or self.proven  # (two may prove themselves in one wake-up)
         if holder and not self.tls:
             log.warning("SERVER: turned away %s: it proved itself, but %s is being served "
                         "(one client at a time)", newcomer.address, holder.address)
-            self.say_goodbye(newcomer.sock, orderly=True)
-            return
+            return self.say_goodbye(newcomer.sock, "orderly")
         if self.proven:  # --tls: the newer of two proven in one wake-up takes the slot
-            self.say_goodbye(self.proven.sock, orderly=True)
-        link = Link(newcomer.sock, newcomer.address, OFFLOAD_HEADER if self.tunnel.offload else HEADER)
-        if newcomer.head and not self.tunnel.offload:  # the start of its first frame: relayed as usual
-            link.deframer.take(newcomer.head)
+            self.say_goodbye(self.proven.sock, "orderly")
+        link = ExtraLink(newcomer.sock, newcomer.address, OFFLOAD_HEADER if self.offload else HEADER,
+                         OFFLOAD_RECV_SIZE if self.offload else RECV_SIZE, self.debug, heard=True)
+        if newcomer.head and not self.offload:  # the start of its first frame: cut with the rest of it
+            link.kept = len(newcomer.head)
+            link.view[:link.kept] = newcomer.head
             log.debug("SERVER: %s proved itself with the first %d bytes of its first frame; they go on to "
-                      "the device with the rest of that frame", newcomer.address, len(newcomer.head))
+                      "the device with the rest of that frame", newcomer.address, link.kept)
         self.proven = link
         log.info("SERVER: Client connected from %s%s", newcomer.address,
                  " (%s, pinned certificate)" % newcomer.sock.version() if self.tls else "")
@@ -1030,34 +876,44 @@ class WaitingRoom:
             raise LinkReplaced("%s proved itself with the pinned certificate: it replaces %s "
                                "(the newest authenticated client wins)" % (newcomer.address, self.active.address))
 
-    def send_away(self, newcomer, why, orderly):
-        """Log why a newcomer leaves, and close it."""
+    def send_away(self, newcomer, kind, why, how):
+        """Refuse a newcomer: say why (see refuse()), and close it `how` (see say_goodbye())."""
+        self.leave_room(newcomer)
+        self.refuse(newcomer.address, kind, why)
+        self.say_goodbye(newcomer.sock, "cut" if newcomer.handshaking and how == "orderly" else how)
+
+    def leave_room(self, newcomer):
+        """A newcomer's wait is over."""
         del self.newcomers[newcomer.sock]
-        if self.selector:
-            self.selector.unregister(newcomer.sock)
-        log.warning("SERVER: refused %s: %s", newcomer.address, why)
-        self.say_goodbye(newcomer.sock, orderly=orderly and not newcomer.handshaking)
+        self.unregister(newcomer.sock)
 
     # -- goodbyes --------------------------------------------------------------------------
 
-    def leave(self, link):
-        """The served client's link ended (its loop is gone): close it without stopping the server."""
-        self.active = self.selector = None
-        self.say_goodbye(link.sock, orderly=True)
-
-    def say_goodbye(self, sock, orderly):
-        """close_link() without waiting: our goodbye now, the peer's read by the loop, for GOODBYE_TIME s."""
-        if not start_goodbye(sock, orderly):
+    def say_goodbye(self, sock, how):
+        """Close a connection without waiting: "orderly" (TLS close_notify, then FIN), "cut" (FIN
+        only), or "reset" (RST: the client can tell it was pushed out, not turned away). After a
+        FIN the loop reads what the peer still sends, for GOODBYE_TIME s, so that it hears no reset."""
+        try:
+            if how == "reset":  # linger on, for 0 s: close() sends a reset
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif how == "orderly" and isinstance(sock, ssl.SSLSocket):
+                tls_goodbye(sock)
+            if how != "reset":
+                sock.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError):  # the peer is gone already
+            how = "reset"
+        if how == "reset":
             sock.close()
             return
         if len(self.closing) >= MAX_CLOSING:
             self.forget(min(self.closing, key=self.closing.get))
         self.closing[sock] = time.monotonic() + GOODBYE_TIME
-        if self.selector:
-            self.selector.register(sock, selectors.EVENT_READ, self.handler(sock))
+        self.register(sock, selectors.EVENT_READ, lambda events: self.drain(sock))
 
     def drain(self, sock):
         """Read and discard what a closing connection still sends, until its end."""
+        if sock not in self.closing:  # closed earlier in this wake-up
+            return
         try:
             if sock.recv(65536):
                 return
@@ -1069,10 +925,9 @@ class WaitingRoom:
 
     def forget(self, sock):
         """Stop waiting for a closing connection's goodbye: close it."""
-        del self.closing[sock]
-        if self.selector:
-            self.selector.unregister(sock)
-        sock.close()
+        if self.closing.pop(sock, None) is not None:
+            self.unregister(sock)
+            sock.close()
 
     def close(self):
         """The server stops: close everyone still waiting or closing."""
@@ -1080,37 +935,37 @@ class WaitingRoom:
             sock.close()
         self.newcomers.clear()
         self.closing.clear()
+        super().close()
 
 
 WAIT, PROVEN = "wait", "proven"
 
 
-def proof_size(head, tunnel):
+def proof_size(head, tap, offload):
     """How many first bytes decide whether a newcomer's first frame is a packet for this end."""
-    if tunnel.offload:
+    if offload:
         return len(GREETING_FRAME)
     if len(head) < HEADER.size:
         return HEADER.size
     (length,) = HEADER.unpack_from(head)
     # enough to tell a packet's header, and an --offload peer's greeting (to name it)
-    return HEADER.size + min(length, max(PROOF_BYTES["tap" if tunnel.tap else "tun"], len(GREETING)))
+    return HEADER.size + min(length, max(PROOF_BYTES["tap" if tap else "tun"], len(GREETING)))
 
 
-def first_frame_verdict(head, tunnel):
+def first_frame_verdict(head, tap, offload):
     """WAIT for more bytes, PROVEN, or why the first bytes a newcomer sent are not a tunnel end's."""
     if head.startswith(TLS_HANDSHAKE_RECORD):
         return "it began a TLS handshake: it runs with --tls, this end without"
-    if len(head) < proof_size(head, tunnel):
+    if len(head) < proof_size(head, tap, offload):
         return WAIT
-    if tunnel.offload:
+    if offload:
         return PROVEN if head == GREETING_FRAME else "it runs without --offload (or is the C simpletun)"
-    packet = head[HEADER.size:]
     (length,) = HEADER.unpack_from(head)
     if head == GREETING_FRAME:
         return "it runs with --offload, this end without"
     if length == 0:
         return "its first frame is empty: that is not a packet"
-    return packet_mismatch(packet, length, tunnel.tap) or PROVEN
+    return packet_mismatch(head[HEADER.size:], length, tap) or PROVEN
 
 
 def packet_mismatch(packet, length, tap):
@@ -1139,9 +994,9 @@ def looks_like_ip(packet, length):
     return False
 
 
-# ---------------------------------------------------------------------------------------
-# 10. Setting up the device (--addr, --mtu): configure_device()
-# ---------------------------------------------------------------------------------------
+# ---- 4. Setting up the device (--addr, --mtu): configure_device() ---------------------------
+#      What ifconfig does, so that two ends can talk without an ip command.
+
 
 # linux/sockios.h: the requests ifconfig makes to set up an interface, on any AF_INET socket.
 # Each passes a struct ifreq: the interface name, then the one field the request reads or writes.
@@ -1186,11 +1041,12 @@ def configure_device(name, interface=None, mtu=None):
     log.debug("Configured %s: %s", name, ", ".join(done))
 
 
-# ---------------------------------------------------------------------------------------
-# 11. Saying what a packet is and what a receive brought (-dd), and the bytes on the wire (-ddd):
-#     describe(), log_packet(), log_receive()
-#     Only called when -dd is on; bad or cut-off bytes get an honest description, never an error.
-# ---------------------------------------------------------------------------------------
+
+# ---- 5. What a line is about (-dd, -ddd) and when it happened (the demo): Lines -------------
+#      A logging handler, the seam the tunnel's -d lines offer: every line is one write; -dd adds
+#      what each packet is (the tunnel's packet lines carry the packet) and what each receive
+#      brought; -ddd the frame's first bytes as they go on the wire. The demo's ends stamp each
+#      line with when it happened. A refusal that repeats within a second is counted, not printed.
 
 ETHERNET = struct.Struct("!6s6sH")  # destination MAC, source MAC, EtherType
 ARP = struct.Struct("!HHBBH6s4s6s4s")  # hardware/protocol types and sizes, op, sender/target MAC and IP
@@ -1212,27 +1068,99 @@ ICMPV6_TYPES = {1: "destination-unreachable", 2: "packet-too-big", 3: "time-exce
                 136: "neighbor-advertisement", 143: "multicast-listener-report"}
 TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x08, "PSH"), (0x01, "FIN"), (0x04, "RST"), (0x20, "URG"))
 WIRE_BYTES = 24  # -ddd shows this many bytes of each packet after its length
+STAMP = re.compile(r"@(\d+\.\d+) (.*)")  # how the demo's ends stamp a line (see stamped())
+QUIET_TIME = 1.0  # seconds: a refused packet's line is printed at most this often
+REFUSAL_HINTS = {os.strerror(errno.EIO): "is the device down? (ip link set %s up)",
+                 os.strerror(errno.EINVAL): "not a packet the device can carry (garbage, or the peer "
+                                            "uses the other mode: -u/-a)"}
 
 
-def log_packet(direction, tunnel, packet, header=None):
-    """-dd: say what a packet is; -ddd, on the way out: show its frame's first bytes as they go on the wire."""
-    count = tunnel.tap2net if direction == "TAP2NET" else tunnel.net2tap
-    log.debug("%s %d: %s", direction, count, describe(packet, tunnel.tap, tunnel.offload))
-    if header and tunnel.debug > 2:
-        log.debug("%s %d: on the wire: [%s] %s%s", direction, count, header.pack(len(packet)).hex(" "),
-                  bytes(packet[:WIRE_BYTES]).hex(" "), " ..." if len(packet) > WIRE_BYTES else "")
+def stamped(text, happened=None):
+    """A line as the demo's ends print it: the time it happened (CLOCK_MONOTONIC, one clock for
+    every namespace), so that the demo can put both ends' lines in the order they happened."""
+    return "@%.6f %s" % (happened or time.monotonic(), text)
 
 
-def log_receive(deframer, count):
+class Lines(logging.Handler):
+    """The full program's output: one write per line, with what -dd, -ddd and --timestamps add."""
+
+    def __init__(self, args, stream=None):
+        super().__init__()
+        self.stream = stream or sys.stderr
+        self.debug, self.tap, self.offload, self.stamps = args.debug, args.tap, args.offload, args.timestamps
+        self.header, self.device = OFFLOAD_HEADER if args.offload else HEADER, args.iface
+        self.arrived = None  # when the last packet came from the network (see stamp())
+        self.quiet_until, self.unsaid = 0, 0  # refusals not printed (see QUIET_TIME)
+        self.told_tap = False
+
+    def emit(self, record):
+        """Print a record's line, and what this run's level adds to it."""
+        try:
+            lines = self.lines_for(record)
+            stamp = self.stamp(record)
+            for line in lines:
+                self.stream.write(stamped(line, stamp) + "\n" if self.stamps else line + "\n")
+            self.stream.flush()
+        except Exception:  # logging's rule: a broken output never stops the program
+            self.handleError(record)
+
+    def stamp(self, record):
+        """When a line happened. A device write is logged once it succeeded, but the reply it causes
+        may be printed by another process first: it is stamped when its packet came from TCP."""
+        now = time.monotonic()
+        if record.msg.startswith("NET2TAP %d: Read"):
+            self.arrived = now
+        return self.arrived if record.msg.startswith("NET2TAP %d: Written") else now
+
+    def lines_for(self, record):
+        """The record's line, and the lines the level adds; none for a refusal said a moment ago."""
+        text, packet, args = record.getMessage(), getattr(record, "packet", None), record.args
+        if " refused a " in record.msg:
+            return self.refusal(text, args)
+        if self.debug < 2:
+            return [text]
+        if record.msg == "TAP2NET %d: Written %d bytes to the network":
+            return [text + " (%d with its %d-byte length)" % (args[1] + self.header.size, self.header.size)]
+        if packet is None:
+            return [text]
+        direction, count = text.split(" ", 1)[0], args[0]
+        if not self.told_tap and "the tap interface" in text and not self.tap:
+            self.told_tap = True
+            text += " (the original's words for any device: here %s, a tun device)" % self.device
+        lines = [text, "%s %d: %s" % (direction, count, describe(packet, self.tap, self.offload))]
+        if self.debug > 2 and direction == "TAP2NET":
+            lines.append("%s %d: on the wire: [%s] %s%s" % (direction, count, self.header.pack(len(packet)).hex(" "),
+                         bytes(packet[:WIRE_BYTES]).hex(" "), " ..." if len(packet) > WIRE_BYTES else ""))
+        return lines
+
+    def refusal(self, text, args):
+        """A refused packet: the first of a run with a hint, then at most one line per QUIET_TIME s."""
+        now = time.monotonic()
+        if now < self.quiet_until:
+            self.unsaid += 1
+            return []
+        hint = REFUSAL_HINTS.get(args[-1], "").replace("%s", str(args[1]))
+        more = " (and %d more since the last such line)" % self.unsaid if self.unsaid else ""
+        self.quiet_until, self.unsaid = now + QUIET_TIME, 0
+        return [text + (" -- " + hint if hint else "") + more]
+
+
+def log_receive(link, count):
     """-dd: what one receive brought: bytes, the frames they complete, a frame left unfinished."""
-    frames, rest, frame_size = deframer.preview(count)
-    if not rest:
+    frames, start, end, size = 0, 0, link.kept + count, link.header.size
+    while end - start >= size and start + size + link.header.unpack_from(link.buffer, start)[0] <= end:
+        start += size + link.header.unpack_from(link.buffer, start)[0]
+        frames += 1
+    if end == start:
         unfinished = "nothing left over"
-    elif frame_size is None:
-        unfinished = "%d byte(s) of the next frame's length wait for the next receive" % rest
+    elif end - start < size:
+        unfinished = "%d byte(s) of the next frame's length wait for the next receive" % (end - start)
     else:
-        unfinished = "%d of the next frame's %d bytes wait for the next receive" % (rest, frame_size)
-    log.debug("NET2TAP: a receive brought %d bytes from TCP: %d whole frame(s); %s", count, frames, unfinished)
+        unfinished = "%d of the next frame's %d bytes wait for the next receive" % (
+            end - start, size + link.header.unpack_from(link.buffer, start)[0])
+    held = " (after %d held from before)" % link.kept if link.kept else ""
+    log.debug("NET2TAP: a receive brought %d bytes from TCP%s: %d whole frame(s); %s",
+              count, held, frames, unfinished)
 
 
 def describe(packet, tap, offload=False):
@@ -1353,20 +1281,20 @@ def describe_transport(protocol, payload, icmp_types):
     return "protocol %d" % protocol
 
 
-# ---------------------------------------------------------------------------------------
-# 12. Segmentation offload (--offload): set_offload(), greetings, describe_offloaded()
+
+# ---- 6. Segmentation offload (--offload): set_offload(), the greeting, describe_offloaded() ---
+#      Attaches through the tunnel's own parameters: tun_alloc's flags (IFF_VNET_HDR), the
+#      Tunnel's read size, and the Link's frame header and buffer size.
 #
-#     Per packet, each end pays a device read or write and the inner TCP stack's work, so
-#     the way to go faster is fewer, bigger packets. With IFF_VNET_HDR and TUNSETOFFLOAD the
-#     kernel hands a TCP stream to the device as "super-packets" of up to 64 KiB, each with
-#     a 10-byte virtio_net_hdr in front saying how to cut it into MTU-sized segments (and that
-#     its checksums are left unfinished). The peer writes header and super-packet unchanged;
-#     its kernel cuts it up, or delivers it whole. A read can be longer than the 2-byte length
-#     can state, so this mode frames with a 4-byte length: only two simpletun.py ends with
-#     --offload speak it. Each end's first frame, in the default format, is GREETING, so
-#     that a mismatch is named at once on both ends. Checksums travel unfinished; the outer
-#     TCP checksum (and with --tls, TLS) guards the bytes on the way.
-# ---------------------------------------------------------------------------------------
+#      Per packet, each end pays a device read or write and the inner TCP stack's work, so the
+#      way to go faster is fewer, bigger packets. With IFF_VNET_HDR and TUNSETOFFLOAD the kernel
+#      hands a TCP stream to the device as "super-packets" of up to 64 KiB, each with a 10-byte
+#      virtio_net_hdr in front saying how to cut it into MTU-sized segments (and that its
+#      checksums are left unfinished). The peer writes header and super-packet unchanged; its
+#      kernel cuts it up, or delivers it whole. A read can be longer than the 2-byte length can
+#      state, so this mode frames with a 4-byte length: only two simpletun.py ends with --offload
+#      speak it. Each end's first frame, in the default format, is GREETING, so that a mismatch
+#      is named at once on both ends. The outer TCP checksum (and TLS) guards the bytes on the way.
 
 IFF_VNET_HDR = 0x4000  # each read/write starts with a struct virtio_net_hdr
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int): which offloads the device may hand us
@@ -1379,10 +1307,11 @@ GSO_KINDS = {1: "TCP segment offload", 3: "UDP fragmentation offload", 4: "TCP s
 GSO_ECN = 0x80
 OFFLOAD_HEADER = struct.Struct("!I")  # the 4-byte length this mode frames with
 OFFLOAD_READ_SIZE = 128 * 1024  # a super-packet is at most 64 KiB; room for the headers and more
+OFFLOAD_RECV_SIZE = 4 * RECV_SIZE  # the receive buffer holds many super-packets
 GREETING_TIMEOUT = 4  # seconds the client waits for the server's greeting: a mismatch is named within 5 s
 GREETING = b"simpletun+GSO"  # 13 bytes: shorter than an Ethernet header, and its first byte
 #                              (0x73) is no IP version: a C original writes it to its device, which refuses it
-GREETING_FRAME = frame(GREETING)  # as it goes on the wire, 2-byte length first
+GREETING_FRAME = HEADER.pack(len(GREETING)) + GREETING  # as it goes on the wire, 2-byte length first
 
 
 def set_offload(fd, enabled):
@@ -1398,19 +1327,14 @@ def set_offload(fd, enabled):
         fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
 
 
-def send_greeting(sock):
-    """Say "this end runs --offload" as an ordinary short frame of the default format."""
-    sock.sendall(GREETING_FRAME)  # 15 bytes into an empty socket buffer: never blocks
-
-
 def greet_server(link):
     """Client, --offload: greet, then read the server's greeting (the original's read_n) within 5 s."""
-    send_greeting(link.sock)
+    link.sock.sendall(GREETING_FRAME)  # 15 bytes into an empty socket buffer: never blocks
     expected, head = GREETING_FRAME, b""
     deadline = time.monotonic() + GREETING_TIMEOUT
     while len(head) < len(expected):
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([link.sock], [], [], left)[0] and not decrypted_waiting(link.sock):
+        if left <= 0 or not (select.select([link.sock], [], [], left)[0] or link.tls and link.sock.pending()):
             raise PeerMismatch("no --offload greeting from the server within %d s: it runs without --offload "
                                "(or is the C simpletun)" % GREETING_TIMEOUT)
         try:
@@ -1424,13 +1348,6 @@ def greet_server(link):
         if not expected.startswith(head):
             raise PeerMismatch("the server runs without --offload: its first frame is not the greeting")
     log.debug("CLIENT: the server runs --offload too: frames carry a 4-byte length from here on")
-
-
-def check_first_frame(tunnel, deframer, count):
-    """Plain mode: the first frame on a link may be an --offload peer's greeting; say so, end cleanly."""
-    if deframer.header is HEADER and deframer.peek(count, len(GREETING_FRAME)) == GREETING_FRAME:
-        raise PeerMismatch("the peer runs with --offload, this end without: start both ends with "
-                           "--offload, or neither")
 
 
 def describe_offloaded(packet, tap):
@@ -1464,10 +1381,10 @@ def headers_size(packet, tap):
     return start + size + (8 if protocol == UDP else 0)
 
 
-# ---------------------------------------------------------------------------------------
-# 13. The whole tunnel on one machine: demo(), Timeline, ping(), the lossy cable, the bench
-#     Two network namespaces stand in for two hosts, a veth pair for the cable between them.
-# ---------------------------------------------------------------------------------------
+
+# ---- 8. The whole tunnel on one machine: demo(), Timeline, ping(), the lossy cable, the bench ---
+#      Two network namespaces stand in for two hosts, a veth pair for the cable between them;
+#      each end is this program, run with --timestamps so that one timeline shows both.
 
 DEMO_PREFIX = "simpletun-demo-"  # namespaces are named DEMO_PREFIX + our pid + "-s" / "-c"
 DEMO_UNDERLAY = {"server": "192.0.2.1/24", "client": "192.0.2.2/24"}  # the "physical" network
@@ -1477,15 +1394,6 @@ DEMO_WAIT = 10  # seconds for each end to come up, and to go
 BENCH_PORT, BENCH_SECONDS, BENCH_PINGS = 5201, 3, 20
 ICMP_ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
-STAMP = re.compile(r"@(\d+\.\d+) (.*)")  # how a demo's process stamps a line (see stamped())
-
-
-def stamped(text, happened=None):
-    """A line as the demo's processes print it: the time it happened (CLOCK_MONOTONIC, one clock for
-    every namespace), so that the demo can put both ends' lines in the order they happened."""
-    return "@%.6f %s" % (happened or time.monotonic(), text)
-
-
 class Timeline:
     """The demo's one output: every process's lines, merged in the order they happened.
 
@@ -1914,20 +1822,10 @@ def bench_ping(address, count):
     print(json.dumps(None if None in times else sum(times) / len(times) * 1000))
 
 
-# ---------------------------------------------------------------------------------------
-# 14. The command line: parse_args(), main()
-# ---------------------------------------------------------------------------------------
 
-def interface_name(text):
-    """argparse type: an interface name the kernel can take (1 to 15 bytes, no '/' or spaces)."""
-    size = len(text.encode())
-    if not 0 < size < IFNAMSIZ:
-        raise argparse.ArgumentTypeError("interface names are 1 to %d bytes long, not %d: %r"
-                                         % (IFNAMSIZ - 1, size, text))
-    if "/" in text or any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError("interface names cannot hold '/' or spaces: %r" % text)
-    return text
-
+# ---- 9. The full command line: parse_args(), full_main() -----------------------------------
+#      The tunnel's own parser (make_parser) with the extras' flags added, and the tunnel's
+#      run() and serve()/run_client() called with the extras in their seams.
 
 def number_between(low, high, name, kind=int):
     """An argparse type: a number from `low` to `high`, called `name` in the error."""
@@ -1953,44 +1851,27 @@ def ipv4_interface(text):
 
 
 def parse_args(argv=None):
-    """Read the command line: the original's flags, with long forms."""
-    parser = argparse.ArgumentParser(
-        prog="simpletun.py",
-        description="A tun/tap tunnel over TCP: each packet read from the device travels to the\n"
-                    "peer as a 2-byte length and the packet, and is written to the peer's device.",
-        epilog="examples:\n"
-               "  sudo ./simpletun.py --demo                                 the whole tunnel on this machine\n"
-               "  sudo ./simpletun.py --demo --keep                          ... and keep it up to explore\n"
-               "  sudo ./simpletun.py --demo --bench                         what does the tunnel cost?\n"
-               "  sudo ./simpletun.py -i tun0 -s --addr 10.0.0.1/24          on host A\n"
-               "  sudo ./simpletun.py -i tun0 -c HOST_A --addr 10.0.0.2/24   on host B, then: ping 10.0.0.1",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--iface", metavar="NAME", type=interface_name,
-                        help="tun/tap interface to use, made if it does not exist (required)")
-    role = parser.add_mutually_exclusive_group()
-    role.add_argument("-s", "--server", action="store_true", help="run as server: wait for a client")
-    role.add_argument("-c", "--client", metavar="HOST", help="run as client: connect to HOST")
-    parser.add_argument("-p", "--port", type=number_between(1, 65535, "a port"), default=PORT,
-                        help="TCP port to listen on or connect to (default %d)" % PORT)
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("-u", "--tun", dest="tap", action="store_false", help="use a TUN device (default)")
-    kind.add_argument("-a", "--tap", dest="tap", action="store_true", help="use a TAP device")
-    parser.set_defaults(tap=False)  # otherwise -u's store_false would make tap the default
+    """Read the command line: the original's flags (make_parser), then the extras'."""
+    parser = make_parser(required=False)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "examples:\n"
+        "  sudo ./simpletun.py --demo                                 the whole tunnel on this machine\n"
+        "  sudo ./simpletun.py --demo --keep                          ... and keep it up to explore\n"
+        "  sudo ./simpletun.py --demo --bench                         what does the tunnel cost?\n"
+        "  sudo ./simpletun.py -i tun0 -s --addr 10.0.0.1/24          on host A\n"
+        "  sudo ./simpletun.py -i tun0 -c HOST_A --addr 10.0.0.2/24   on host B, then: ping 10.0.0.1")
     parser.add_argument("--addr", metavar="CIDR", type=ipv4_interface,
                         help="give the device this IPv4 address/prefix (e.g. 10.0.0.1/24) and bring it up")
     parser.add_argument("--mtu", metavar="N", type=number_between(MIN_MTU, MAX_MTU, "an MTU"),
                         help="set the device's MTU (%d-%d; tap: up to %d)" % (MIN_MTU, MAX_MTU, MAX_TAP_MTU))
-    parser.add_argument("-d", "--debug", action="count", default=0,
-                        help="log every packet, as the original did; -dd also says what each packet is "
-                             "and what each receive brought; -ddd also shows each frame's first bytes on the wire")
     parser.add_argument("--tls", metavar="FILE",
                         help="encrypt and authenticate with TLS: FILE is one PEM file holding this end's "
                              "certificate and private key (see the README: Encryption)")
     parser.add_argument("--tls-peer", metavar="CERT",
                         help="with --tls: the peer's certificate, the only one accepted "
                              "(default: the certificate in the --tls FILE)")
-    parser.add_argument("--bind", metavar="ADDR",
-                        help="server: listen on this address only (default: all addresses)")
+    parser.add_argument("--bind", metavar="ADDR", help="server: listen on this address only (default: all)")
     parser.add_argument("--offload", action="store_true",
                         help="let the kernel hand over 64 KiB super-packets (TSO/GSO): several times the "
                              "throughput; both ends need it, and a C simpletun peer cannot take it")
@@ -2006,8 +1887,12 @@ def parse_args(argv=None):
                       help="the demo's cable delays each packet MS ms (needs netem)")
     demo.add_argument("--bench", action="store_true",
                       help="measure TCP throughput and ping over the demo's cable and through its tunnel")
-    parser.add_argument("--timestamps", action="store_true", help=argparse.SUPPRESS)  # the demo's ends: see stamped()
+    parser.add_argument("--timestamps", action="store_true", help=argparse.SUPPRESS)  # the demo's ends
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    for action in parser._actions:  # -d's help, now that -dd and -ddd say more
+        if action.dest == "debug":
+            action.help = ("log every packet, as the original did; -dd also says what each packet is and "
+                           "what each receive brought; -ddd also shows each frame's first bytes on the wire")
     args = parser.parse_args(argv)
     if args.tap and args.mtu and args.mtu > MAX_TAP_MTU:
         parser.error("a tap device takes an MTU of at most %d (the Ethernet header must fit in 65535)" % MAX_TAP_MTU)
@@ -2030,57 +1915,61 @@ def parse_args(argv=None):
     return args
 
 
-class StampedFormatter(logging.Formatter):
-    """Log lines stamped with the moment they happen (--timestamps, for the demo's Timeline)."""
-
-    def format(self, record):
-        """The line, with the moment it happened in front."""
-        # A device write is logged once it succeeded, but it happened when it began: a reply
-        # it caused may be printed by another process before our log call.
-        return stamped(super().format(record), getattr(record, "happened", None))
-
-
-def main(argv=None):
-    """Run one end of the tunnel; return the exit status."""
-    args = parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(StampedFormatter("%(message)s") if args.timestamps else logging.Formatter("%(message)s"))
-    # -d: every packet; the demo's ends (--timestamps) also say when they connect, even without -d
-    logging.basicConfig(handlers=[handler], level=logging.DEBUG if args.debug else
-                        logging.INFO if args.timestamps else logging.WARNING)
-    # SIGTERM ends the run like Ctrl-C: devices closed, summary printed, status 0.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    tunnel = None
+def client_link(sock, host, args, tls, tunnel):
+    """run_client()'s make_link: TLS handshake, ExtraLink, and the --offload greeting."""
+    keep_alive(sock)
+    if tls:
+        sock = secure_client(sock, tls)
+    link = ExtraLink(sock, host, OFFLOAD_HEADER if args.offload else HEADER,
+                     OFFLOAD_RECV_SIZE if args.offload else RECV_SIZE, args.debug)
     try:
-        if not sys.platform.startswith("linux") or fcntl is None:
-            raise UserError("simpletun.py runs on Linux only (it needs /dev/net/tun); this is %s"
-                            % sys.platform)
-        if args.demo:
-            return demo(args)
-        tls = tls_context(args.server, args.tls, args.tls_peer) if args.tls else None
-        fd, name = tun_alloc(args.iface, (IFF_TAP if args.tap else IFF_TUN) | (IFF_VNET_HDR if args.offload else 0))
-        tunnel = Tunnel(fd, name, args.tap, args.debug, args.offload)
-        set_offload(fd, args.offload)
-        log.debug("Successfully connected to interface %s", name)
+        if args.offload:
+            greet_server(link)
+    except (PeerMismatch, OSError) as err:
+        link.sock.close()  # not a peer of this kind: no goodbye to wait for
+        raise UserError("CLIENT: %s" % err) from None
+    tunnel.served = True
+    return link
+
+
+def serve_with_room(tunnel, args, tls=None):
+    """The server, with the waiting room as serve()'s next_client and selector."""
+    with listen_on(args.port, args.bind or "") as listener:
+        log.info("SERVER: listening on port %d", args.port)
+        room = WaitingRoom(listener, tunnel, args, tls)
+        serve(tunnel, listener, room.next_client, room)
+
+
+def extended_end(args):
+    """Open the device with the extras' options, then serve (-s) or connect (-c) until the end."""
+    tls = tls_context(args.server, args.tls, args.tls_peer) if args.tls else None
+    flags = (IFF_TAP if args.tap else IFF_TUN) | (IFF_VNET_HDR if args.offload else 0)
+    tunnel = Tunnel(*tun_alloc(args.iface, flags), args.debug, OFFLOAD_READ_SIZE if args.offload else MAX_PACKET)
+    tunnel.served = False  # a peer came: the run is worth a summary line
+    try:
+        set_offload(tunnel.fd, args.offload)
+        log.debug("Successfully connected to interface %s", tunnel.name)
         if args.addr or args.mtu:
-            configure_device(name, args.addr, args.mtu)
-        return serve(tunnel, args, tls) if args.server else run_client(tunnel, args, tls)
-    except KeyboardInterrupt:
-        return 0
-    except UserError as err:
-        print("simpletun.py: error: %s" % err, file=sys.stderr)
-        return 1
-    except Exception as err:  # a bug, not bad input: one line, and the traceback only with -d
-        if args.debug:
-            log.exception("unexpected error")
-        print("simpletun.py: unexpected error: %s: %s" % (type(err).__name__, err), file=sys.stderr)
-        return 1
+            configure_device(tunnel.name, args.addr, args.mtu)
+        if args.client:
+            return run_client(tunnel, args.client, args.port,
+                              lambda sock, host: client_link(sock, host, args, tls, tunnel))
+        serve_with_room(tunnel, args, tls)
     finally:
-        if tunnel:
-            os.close(tunnel.fd)
-            if tunnel.served:  # an error before any peer came needs no second line
-                log.warning("simpletun.py: %s", tunnel.summary())
+        os.close(tunnel.fd)
+        if tunnel.served:
+            log.warning("simpletun.py: %s: TAP2NET %d packets, NET2TAP %d packets, %d dropped",
+                        tunnel.name, tunnel.tap2net, tunnel.net2tap, tunnel.dropped)
+
+
+def full_main(argv=None):
+    """Run one end of the tunnel, or the demo, with every extra; return the exit status."""
+    args = parse_args(argv)
+    # -d: every packet; the demo's ends (--timestamps) also say when they connect, even without -d
+    logging.basicConfig(handlers=[Lines(args)], level=logging.DEBUG if args.debug else
+                        logging.INFO if args.timestamps else logging.WARNING)
+    return run(lambda: demo(args) if args.demo else extended_end(args))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(full_main())

@@ -20,14 +20,42 @@ import sys
 import threading
 import time
 
+import io
+
 import pytest
 
 import simpletun
-from simpletun import HEADER, Deframer, FrameError, Tunnel, frame
+from simpletun import HEADER, LinkEnded, Tunnel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "simpletun.py")
 TIMEOUT = 5  # seconds any single wait may take before the test fails instead of hanging
+
+
+def frame(packet, header=HEADER):
+    """A packet as it goes on the wire: its length, then the packet."""
+    return header.pack(len(packet)) + packet
+
+
+class Deframer:
+    """The tunnel's own cutting (Link.cut), fed with bytes as receives would bring them."""
+
+    def __init__(self, header=HEADER, size=simpletun.RECV_SIZE):
+        self.link = simpletun.Link(None, "test", header, size)
+
+    def feed(self, data):
+        packets, data, link = [], memoryview(data), self.link
+        while data:
+            count = min(len(data), len(link.buffer) - link.kept)
+            if not count:  # what the full program's link says of a frame longer than its buffer
+                raise LinkEnded("a frame longer than this end's buffer")
+            link.view[link.kept:link.kept + count] = data[:count]
+            packets += [bytes(p) for p in link.cut(count)]
+            data = data[count:]
+        return packets
+
+    def close(self):
+        self.link.finish()
 
 
 # ---------------------------------------------------------------------------------------
@@ -42,9 +70,12 @@ def test_frame_is_big_endian_length_then_packet(size):
     assert wire[2:] == packet
 
 
-def test_frame_refuses_a_packet_the_length_cannot_state():
-    with pytest.raises(FrameError, match="65536-byte packet"):
-        frame(b"x" * 65536)
+def test_device_packets_are_read_no_longer_than_the_length_can_state(rig):
+    # Regression (the original): a packet longer than its 2000-byte buffer overflowed the stack.
+    r = rig()
+    r.kernel.send(b"\x45" * 70000)  # longer than any device hands over: read in part, never framed wrong
+    (packet,) = r.frames_from_peer(1)
+    assert len(packet) == simpletun.MAX_PACKET == 65535
 
 
 @pytest.mark.parametrize("size", [0, 1, 1500, 65535])
@@ -77,21 +108,21 @@ def test_deframer_cuts_chunks_at_frame_boundaries(chunks, packets):
 
 
 @pytest.mark.parametrize("stream, message", [
-    (b"\x00", "frame header (1 of 2 bytes)"),
-    (b"\x00\x54" + b"E" * 10, "frame (12 of 86 bytes)"),
-    (b"GET / HTTP/1.1\r\n", "frame (16 of 18247 bytes)"),  # "GE" read as a length
+    (b"\x00", "(1 bytes of it came)"),
+    (b"\x00\x54" + b"E" * 10, "(12 bytes of it came)"),
+    (b"GET / HTTP/1.1\r\n", "(16 bytes of it came)"),  # "GE" read as a length
 ])
 def test_stream_that_ends_mid_frame_is_told_apart_from_a_clean_end(stream, message):
     deframer = Deframer()
     assert deframer.feed(stream) == []
-    with pytest.raises(FrameError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(LinkEnded, match="in the middle of a frame " + re.escape(message)):
         deframer.close()
 
 
 def test_deframer_buffers_no_more_than_the_unfinished_frame():
     deframer = Deframer()
     deframer.feed(frame(b"a" * 1000) * 50 + frame(b"b" * 3000)[:1234])
-    assert deframer.waiting() == 1234
+    assert deframer.link.kept == 1234
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,10 +231,18 @@ def test_describe_never_raises_on_random_bytes():
 #    TCP:    a stream socketpair
 # ---------------------------------------------------------------------------------------
 
-class Rig:
-    """relay() running in a thread between a stand-in device and a stand-in TCP link."""
+def program_args(**kw):
+    """The options the full program's pieces read, as parse_args() would give them."""
+    args = dict(debug=0, tap=False, offload=False, timestamps=False, iface="tun9", port=0, bind="127.0.0.1")
+    args.update(kw)
+    return argparse.Namespace(**args)
 
-    def __init__(self, debug=0, link=None, peer=None):
+
+class Rig:
+    """relay() running in a thread between a stand-in device and a stand-in TCP link.
+    extra=True: the full program's link (ExtraLink), and its output (Lines) in self.output."""
+
+    def __init__(self, debug=0, link=None, peer=None, extra=False):
         self.device, self.kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.link, self.peer = (link, peer) if link else socket.socketpair()
         for end in (self.kernel, self.peer):
@@ -211,15 +250,27 @@ class Rig:
         self.device.setblocking(False)
         self.link.setblocking(False)
         self.tunnel = Tunnel(self.device.fileno(), "tun9", debug=debug)
+        self.output, self.handler = io.StringIO(), None
+        if extra:
+            self.handler = simpletun.Lines(program_args(debug=debug), self.output)
+            simpletun.log.addHandler(self.handler)
+            simpletun.log.setLevel("DEBUG")
+        self.made = (simpletun.ExtraLink(self.link, "peer", debug=debug, heard=True) if extra
+                     else simpletun.Link(self.link, "peer"))
         self.error = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         try:
-            simpletun.relay(self.tunnel, simpletun.Link(self.link, "peer"))
+            with selectors.DefaultSelector() as selector:
+                simpletun.relay(self.tunnel, self.made, selector)
         except Exception as err:  # handed to the test, which asserts on it
             self.error = err
+
+    def lines(self):
+        """What the full program printed so far, a line each."""
+        return self.output.getvalue().splitlines()
 
     def frames_from_peer(self, count):
         """Read `count` frames from the TCP side, within TIMEOUT."""
@@ -241,6 +292,8 @@ class Rig:
         assert not self.thread.is_alive(), "relay() did not return after the peer closed"
 
     def close(self):
+        if self.handler:
+            simpletun.log.removeHandler(self.handler)
         for s in (self.device, self.kernel, self.link, self.peer):
             s.close()
 
@@ -280,10 +333,12 @@ def test_two_frames_in_one_send_reach_device_as_two_packets(rig):
     assert [r.kernel.recv(65536), r.kernel.recv(65536)] == [b"first", b"second"]
 
 
-def test_empty_frame_is_skipped_not_written_to_device(rig):
+def test_empty_frame_does_not_stop_the_tunnel(rig):
+    # Regression (the original): an empty frame ended its read loop. The stand-in device takes
+    # an empty packet; a tun device refuses it, which costs one line (see the refusal tests).
     r = rig()
     r.peer.sendall(frame(b"") + frame(b"after"))
-    assert r.kernel.recv(65536) == b"after"
+    assert [r.kernel.recv(65536), r.kernel.recv(65536)] == [b"", b"after"]
     assert r.tunnel.net2tap == 2
 
 
@@ -322,18 +377,18 @@ def test_without_debug_no_per_packet_line_is_logged(rig, caplog):
     assert not [m for m in caplog.messages if "TAP2NET" in m or "NET2TAP" in m]
 
 
-def test_debug_twice_adds_what_each_packet_is(rig, caplog):
-    caplog.set_level("DEBUG", logger="simpletun")
-    r = rig(debug=2)
+def test_debug_twice_adds_what_each_packet_is(rig):
+    r = rig(debug=2, extra=True)
     r.kernel.send(ECHO_REQUEST)
     r.frames_from_peer(1)
     r.peer.sendall(frame(UDP_PACKET))
     r.kernel.recv(65536)
     r.finish()
-    assert caplog.messages[:7] == [
-        "TAP2NET 1: Read 84 bytes from the tap interface",
+    assert r.lines()[:7] == [
+        "TAP2NET 1: Read 84 bytes from the tap interface (the original's words for any device: "
+        "here tun9, a tun device)",
         "TAP2NET 1: IPv4 10.0.0.2 > 10.0.0.1 ICMP echo-request id=7 seq=1 (84 bytes)",
-        "TAP2NET 1: Written 84 bytes to the network",
+        "TAP2NET 1: Written 84 bytes to the network (86 with its 2-byte length)",
         "NET2TAP: a receive brought 35 bytes from TCP: 1 whole frame(s); nothing left over",
         "NET2TAP 1: Read 33 bytes from the network",
         "NET2TAP 1: IPv4 10.0.0.2 > 10.0.0.1 UDP 40000 > 7777 len=5 (33 bytes)",
@@ -346,7 +401,7 @@ def test_below_debug_twice_no_packet_is_decoded(rig, monkeypatch, debug):
     def refuse(*args):
         raise AssertionError("describe() called at -d level %d" % debug)
     monkeypatch.setattr(simpletun, "describe", refuse)
-    r = rig(debug=debug)
+    r = rig(debug=debug, extra=True)
     r.kernel.send(ECHO_REQUEST)
     r.peer.sendall(frame(UDP_PACKET))
     assert r.frames_from_peer(1) == [ECHO_REQUEST]
@@ -355,8 +410,10 @@ def test_below_debug_twice_no_packet_is_decoded(rig, monkeypatch, debug):
     assert r.error is None
 
 
-def test_refused_packet_is_logged_once_dropped_and_tunnel_carries_on(rig, caplog):
-    r = rig()
+@pytest.mark.parametrize("extra, lines", [(False, 3), (True, 1)])
+def test_refused_packet_is_logged_dropped_and_tunnel_carries_on(rig, caplog, extra, lines):
+    # The tunnel says each refusal; the full program's output says the first of a run, then counts.
+    r = rig(extra=extra)
     # A send buffer smaller than the packet makes the stand-in device refuse it (EMSGSIZE),
     # as a real device refuses garbage (EINVAL) or writes while it is down (EIO).
     r.device.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -365,9 +422,8 @@ def test_refused_packet_is_logged_once_dropped_and_tunnel_carries_on(rig, caplog
     r.kernel.send(b"reply")
     assert r.frames_from_peer(1) == [b"reply"]
     assert r.tunnel.dropped == 3
-    refused = [m for m in caplog.messages if "refused a 60000-byte packet" in m]
-    assert len(refused) == 1
-    assert any("accepts packets again (3 refused" in m for m in caplog.messages)
+    said = r.lines() if extra else caplog.messages
+    assert len([m for m in said if "tun9 refused a 60000-byte packet" in m]) == lines
 
 
 def test_clean_close_ends_relay_quietly(rig):
@@ -382,8 +438,8 @@ def test_close_in_the_middle_of_a_frame_raises_frame_error(rig):
     r = rig()
     r.peer.sendall(frame(b"y" * 500)[:100])
     r.finish()
-    assert isinstance(r.error, FrameError)
-    assert "100 of 502 bytes" in str(r.error)
+    assert isinstance(r.error, LinkEnded)
+    assert "in the middle of a frame (100 bytes of it came)" in str(r.error)
 
 
 def test_burst_of_packets_arrives_whole_and_in_order(rig):
@@ -435,11 +491,11 @@ def test_peer_that_stops_reading_does_not_grow_the_outgoing_buffer(rig):
         except BlockingIOError:
             if r.nothing_on(r.peer, 0) and select.select([], [r.kernel], [], 0.5)[1] == []:
                 break  # the device queue stays full: relay() stopped reading it
-    taken = r.tunnel.tap2net_bytes
+    taken = r.tunnel.tap2net * len(packet)
     # What relay() took is what it queued plus what the socket buffers hold.
     buffers = sum(s.getsockopt(socket.SOL_SOCKET, opt) for s, opt in (
         (r.link, socket.SO_SNDBUF), (r.peer, socket.SO_RCVBUF)))
-    assert taken <= simpletun.OUT_LIMIT + simpletun.MAX_DEVICE_PACKET + 2 * buffers
+    assert taken <= simpletun.OUT_LIMIT + simpletun.MAX_PACKET + 2 * buffers
     assert sent_to_device > taken  # the rest waits in the device queue, not in our memory
     # ... and the other direction still flows while this one is stuck.
     r.peer.sendall(frame(b"still moving"))
@@ -460,8 +516,8 @@ def run_script(*args, timeout=TIMEOUT * 2, **kw):
 @pytest.mark.parametrize("args, reason", [
     (["-s"], "an interface name is required"),
     (["-i", "tun0"], "choose server (-s) or client (-c HOST)"),
-    (["-i", "a" * 16, "-s"], "1 to 15 bytes long, not 16"),
-    (["-i", "tun/0", "-s"], "cannot hold '/'"),
+    (["-i", "a" * 16, "-s"], "an interface name is 1 to 15 bytes"),
+    (["-i", "tun/0", "-s"], "no '/' or spaces: 'tun/0'"),
     (["-i", "tun0", "-s", "-c", "h"], "not allowed with argument"),
     (["-i", "tun0", "-s", "-p", "0"], "from 1 to 65535, not '0'"),
     (["-i", "tun0", "-s", "-p", "65536"], "from 1 to 65535"),
@@ -507,13 +563,15 @@ def test_missing_clone_device_says_modprobe_tun(tmp_path):
 
 @pytest.mark.parametrize("code, name, says", [
     (errno.EPERM, "tun0", "run as root (or with CAP_NET_ADMIN)"),
-    (errno.EBUSY, "tun0", "tun0 is busy: another program has it open"),
-    (errno.EINVAL, "lo", "lo is an existing interface that is not tun/tap"),
+    (errno.EBUSY, "tun0", "cannot attach to tun0: Device or resource busy"),
+    (errno.EINVAL, "lo", "cannot attach to lo: it exists and is not a device of this kind (tun: -u, tap: -a)"),
     (errno.ENOMEM, "tun0", "cannot attach to tun0: Cannot allocate memory"),
 ])
-def test_tunsetiff_failures_are_explained(code, name, says):
+def test_tunsetiff_failures_are_explained(monkeypatch, code, name, says):
     err = OSError(code, os.strerror(code))
-    assert says in simpletun.explain_tunsetiff(name, simpletun.IFF_TUN, err)
+    monkeypatch.setattr(simpletun.fcntl, "ioctl", lambda *a: (_ for _ in ()).throw(err))
+    with pytest.raises(simpletun.UserError, match=re.escape(says)):
+        simpletun.tun_alloc(name, simpletun.IFF_TUN, clone_device="/dev/null")
 
 
 def run_main_as_nobody(*argv):
@@ -526,7 +584,7 @@ def run_main_as_nobody(*argv):
             os.close(read_end)
             os.setuid(65534)
             sys.stderr = os.fdopen(write_end, "w")
-            status = simpletun.main(list(argv))
+            status = simpletun.full_main(list(argv))
             sys.stderr.flush()
         finally:
             os._exit(status)
@@ -560,14 +618,14 @@ def test_not_linux_is_one_line_saying_so():
 def test_port_in_use_is_a_user_error():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(simpletun.UserError, match="port %d is already in use" % port):
+        with pytest.raises(simpletun.UserError, match="port %d: Address already in use" % port):
             simpletun.listen_on(port, "127.0.0.1")
 
 
 def test_connection_refused_is_a_user_error():
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]  # a port that was free a moment ago, now closed again
-    with pytest.raises(simpletun.UserError, match="refused: is the server running"):
+    with pytest.raises(simpletun.UserError, match="Connection refused: is the server running"):
         simpletun.connect_to("127.0.0.1", port)
 
 
@@ -578,7 +636,7 @@ def test_connection_timeout_is_a_user_error(monkeypatch):
         full.listen(0)  # room for one waiting connection; the kernel drops SYNs beyond it
         port = full.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)):
-            with pytest.raises(simpletun.UserError, match="port %d timed out after" % port):
+            with pytest.raises(simpletun.UserError, match="port %d: timed out" % port):
                 simpletun.connect_to("127.0.0.1", port)
 
 
@@ -590,7 +648,7 @@ def test_server_accepts_a_client_over_ipv4_and_ipv6_loopback():
                 assert select.select([listener], [], [], TIMEOUT)[0]
                 served, _ = listener.accept()
                 with served:
-                    assert simpletun.peer_address(served) == expected
+                    assert simpletun.plain_address(served.getpeername()[0]) == expected
                     assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
@@ -601,8 +659,8 @@ def test_server_survives_a_client_that_resets_before_it_is_served():
     device.setblocking(False)
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
-    args = argparse.Namespace(port=port, bind="127.0.0.1")
-    server = threading.Thread(target=simpletun.serve, args=(Tunnel(device.fileno(), "tun9"), args), daemon=True)
+    server = threading.Thread(target=simpletun.serve_with_room, args=(Tunnel(device.fileno(), "tun9"),
+                                                                       program_args(port=port)), daemon=True)
     server.start()
     wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, "the server to listen")
     time.sleep(0.2)  # let the server take that probe connection and see it close
@@ -703,11 +761,11 @@ class Lab:
         self.procs.append(proc)
         return proc
 
-    def tunnel(self, side, *args, name=None):
+    def tunnel(self, side, *args, name=None, script=SCRIPT):
         """Start simpletun.py on one side (server: -s, client: -c SERVER_IP)."""
         role = ["-s"] if side == "s" else ["-c", self.SERVER_IP]
         name = name or "%s-%d.log" % (side, len(self.procs))
-        return self.spawn(side, [sys.executable, "-u", SCRIPT] + role + list(args), name)
+        return self.spawn(side, [sys.executable, "-u", script] + role + list(args), name)
 
     def configure(self, side, device):
         """Give the tunnel device its address and bring it up, once the program has made it."""
@@ -801,6 +859,36 @@ def test_tun_tunnel_carries_traffic_both_ways_and_leaves_no_device(lab):
     assert lab.ip("-n", lab.ns["c"], "link", "show", "tun0", check=False).returncode != 0
 
 
+def cut_tunnel(path):
+    """The tunnel alone: the lines above the banner, and the line that runs its main()."""
+    with open(SCRIPT) as f:
+        lines = f.read().split("\n")
+    banner = next(i for i, line in enumerate(lines) if line.startswith("# ===="))
+    path.write_text("\n".join(lines[:banner]) + '\nif __name__ == "__main__":\n    sys.exit(main())\n')
+    return str(path)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("device, mode", [("tun0", []), ("tap0", ["-a"])])
+@pytest.mark.parametrize("ends", ["tunnel alone, both ends", "tunnel alone as server, full client",
+                                  "full server, tunnel alone as client"])
+def test_the_tunnel_cut_at_the_banner_runs_alone_and_with_the_full_program(lab, tmp_path, device, mode, ends):
+    alone = cut_tunnel(tmp_path / "tunnel_alone.py")
+    server = lab.tunnel("s", "-i", device, "-d", *mode, script=SCRIPT if ends.startswith("full") else alone)
+    lab.configure("s", device)
+    wait_for(lambda: "SERVER: listening" in log_of(server), "the server to listen")
+    client = lab.tunnel("c", "-i", device, "-d", *mode, script=SCRIPT if ends.endswith("client") else alone)
+    lab.configure("c", device)
+    lab.echo("s")
+    lab.echo("c")
+    assert tunnel_passes(lab, "c") and tunnel_passes(lab, "s")  # both directions
+    assert lab.probe("c", count=5) == 5 and lab.probe("s", count=5) == 5
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(TIMEOUT) == 0
+    for proc in (server, client):
+        assert "TAP2NET 1: Read" in log_of(proc) and "Traceback" not in log_of(proc)
+
+
 @pytest.mark.netns
 def test_tap_tunnel_carries_ethernet_frames_and_resolves_arp(lab):
     for side in "sc":  # persistent tap devices made beforehand, as `ip tuntap add` users do
@@ -839,7 +927,9 @@ print("sent")
 """
     garbage_proc = lab.spawn("c", [sys.executable, "-c", garbage, lab.SERVER_IP], "garbage.log")
     assert garbage_proc.wait(TIMEOUT * 2) == 0
-    wait_for(lambda: log_of(server).count("SERVER: refused %s" % lab.CLIENT_IP) >= 6, "all garbage clients")
+    wait_for(lambda: all(says in log_of(server) for says in ("it closed the connection after 0 bytes",
+                                                             "its first frame is empty", "is not an IP packet")),
+             "the server to name each kind of garbage")
     assert server.poll() is None, "the server died:\n" + log_of(server)
 
     client = lab.tunnel("c", "-i", "tun0")
@@ -864,8 +954,8 @@ def test_device_down_drops_with_one_line_and_resumes_when_up(lab):
     assert tunnel_passes(lab)
     assert lab.probe("c", count=10) == 10
     text = log_of(server)
-    assert text.count("refused a") == 1 and "is the device down?" in text
-    assert "tun0 accepts packets again" in text
+    # the first refusal says why; more within a second are counted on the next such line
+    assert 1 <= text.count("refused a") <= 3 and "is the device down?" in text
     assert server.poll() is None and client.poll() is None
 
 
@@ -891,18 +981,18 @@ with socket.create_server(("", 55555)) as l:
     client = lab.tunnel("c", "-i", "tun0")
     assert client.wait(TIMEOUT) == 1
     assert fake.wait(TIMEOUT) == 0
-    assert "CLIENT: the peer vanished: connection ended in the middle of a frame (22 of 86 bytes)" \
+    assert "CLIENT: connection ended in the middle of a frame (22 bytes of it came)" \
         in log_of(client)
 
 
 @pytest.mark.netns
 @pytest.mark.parametrize("setup, side, args, says", [
-    ("busy", "s", ["-i", "tun0", "-s", "-p", "5001"], "tun0 is busy: another program has it open"),
-    ("tap", "s", ["-i", "tap7", "-s", "-p", "5002"], "tap7 is a tap device, not tun: use -a"),
-    ("busy", "s", ["-i", "tun5", "-s"], "port 55555 is already in use"),
+    ("busy", "s", ["-i", "tun0", "-s", "-p", "5001"], "cannot attach to tun0: Device or resource busy"),
+    ("tap", "s", ["-i", "tap7", "-s", "-p", "5002"], "tap7: it exists and is not a device of this kind (tun: -u"),
+    ("busy", "s", ["-i", "tun5", "-s"], "port 55555: Address already in use"),
     (None, "c", ["-i", "tun6", "-c", "192.0.2.1", "-p", "5003"], "refused: is the server running"),
-    (None, "c", ["-i", "tun6", "-c", "no-such-host.invalid"], "unknown host no-such-host.invalid"),
-    (None, "s", ["-i", "veth0", "-s"], "veth0 is an existing interface that is not tun/tap"),
+    (None, "c", ["-i", "tun6", "-c", "no-such-host.invalid"], "cannot connect to no-such-host.invalid port 55555"),
+    (None, "s", ["-i", "veth0", "-s"], "veth0: it exists and is not a device of this kind"),
 ])
 def test_user_errors_are_one_line_and_exit_1(lab, setup, side, args, says):
     if setup == "busy":
@@ -1089,11 +1179,11 @@ def test_deframer_fuzzed_with_random_bytes_raises_only_frame_error_and_stays_bou
             chunk = stream[position:position + rng.randrange(1, 700)]
             position += len(chunk)
             for packet in deframer.feed(chunk):
-                assert len(packet) <= simpletun.MAX_FRAME
-            assert deframer.waiting() < HEADER.size + simpletun.MAX_FRAME
+                assert len(packet) <= simpletun.MAX_PACKET
+            assert deframer.link.kept < HEADER.size + simpletun.MAX_PACKET
         try:
             deframer.close()
-        except FrameError:
+        except LinkEnded:
             pass  # its own named error is the only one allowed
 
 
@@ -1169,7 +1259,7 @@ def test_tls_link_carries_frames_both_ways(certs, rig):
     link, peer = tls_link(certs["a"], certs["a"])
     assert link.version() in ("TLSv1.3", "TLSv1.2")
     peer.setblocking(True)
-    r = rig(link=link, peer=peer)
+    r = rig(link=link, peer=peer, extra=True)
     packets = [bytes([i]) * (100 + i * 13) for i in range(200)]
     for packet in packets:
         r.kernel.send(packet)
@@ -1179,13 +1269,13 @@ def test_tls_link_carries_frames_both_ways(certs, rig):
     assert [r.kernel.recv(65536) for _ in back] == back
 
 
-def test_tls_bytes_already_decrypted_are_relayed_without_waiting_for_the_socket(certs, rig, monkeypatch):
+def test_tls_bytes_already_decrypted_are_relayed_without_waiting_for_the_socket(certs, rig):
     # Receiving 200 bytes at a time leaves the rest of each TLS record decrypted inside the TLS
     # object, where select() cannot see it: the loop must carry on with it by itself.
-    monkeypatch.setattr(simpletun, "RECV_SIZE", 200)
     link, peer = tls_link(certs["a"], certs["a"])
+    link.recv_into = lambda buffer, size=0: ssl.SSLSocket.recv_into(link, buffer, 200)
     peer.setblocking(True)
-    r = rig(link=link, peer=peer)
+    r = rig(link=link, peer=peer, extra=True)
     packets = [b"p%d" % i + b"." * 80 for i in range(20)]
     r.peer.sendall(b"".join(frame(p) for p in packets))  # one write: one TLS record
     assert [r.kernel.recv(65536) for _ in packets] == packets
@@ -1358,7 +1448,7 @@ def test_bind_listens_on_one_address_only(lab):
     result = subprocess.run(["ip", "netns", "exec", lab.ns["s"], sys.executable, SCRIPT, "-i", "tun1", "-s",
                              "--bind", "10.99.99.99"], capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 1
-    assert "cannot listen on 10.99.99.99: no interface has that address" in result.stderr
+    assert "cannot listen on 10.99.99.99 port 55555: Cannot assign requested address" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------
@@ -1378,9 +1468,9 @@ class ServerRig:
         self.kernel.settimeout(TIMEOUT)
         self.device.setblocking(False)
         self.port = free_port()
-        self.tunnel = Tunnel(self.device.fileno(), "tun9", tap=tap, debug=1, offload=offload)
-        args = argparse.Namespace(port=self.port, bind="127.0.0.1")
-        self.thread = threading.Thread(target=simpletun.serve, args=(self.tunnel, args, tls), daemon=True)
+        self.tunnel = Tunnel(self.device.fileno(), "tun9", debug=1)
+        args = program_args(port=self.port, tap=tap, offload=offload, debug=1)
+        self.thread = threading.Thread(target=simpletun.serve_with_room, args=(self.tunnel, args, tls), daemon=True)
         self.thread.start()
         wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", self.port)) == 0, "the server to listen")
         self.clients = []
@@ -1510,21 +1600,21 @@ def test_flood_of_held_open_connections_cannot_keep_the_real_client_out(server_r
             sock.close()
 
 
-def test_flood_of_empty_frames_from_the_client_keeps_memory_flat(rig):
+def test_flood_of_empty_frames_from_the_client_keeps_memory_flat(rig, monkeypatch):
     # Regression: one 256 KiB receive of empty frames became a list of 131 072 packets.
-    import tracemalloc
-    r = rig()
-    tracemalloc.start()
-    try:
-        for _ in range(8):
-            r.peer.sendall(b"\x00\x00" * 131072)
-        r.peer.sendall(frame(UDP_PACKET))
-        assert r.kernel.recv(65536) == UDP_PACKET
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert r.tunnel.net2tap == 8 * 131072 + 1
-    assert peak < 4 * 1024 * 1024
+    import resource
+    monkeypatch.setattr(simpletun.log, "propagate", False)  # pytest would keep every record
+    r = rig(extra=True)  # the full program's output: the refusals are counted, not printed
+    flood = 131072  # one receive's worth
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r.peer.sendall(b"\x00\x00" * flood)
+    wait_for(lambda: r.tunnel.net2tap == flood, "the tunnel to take every empty frame", timeout=30)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    while not r.nothing_on(r.kernel, 0):  # what the stand-in device took of them
+        r.kernel.recv(65536)
+    r.peer.sendall(frame(UDP_PACKET))
+    assert r.kernel.recv(65536) == UDP_PACKET
+    assert grown_kib < 4096
 
 
 def tls_client(r, certs, name="a"):
@@ -1565,7 +1655,7 @@ def test_tls_newest_proven_client_takes_the_slot_and_the_old_one_hears_an_orderl
 def test_tls_end_without_close_notify_is_a_broken_connection(certs, rig, goodbye):
     server, client = tls_link(certs["a"], certs["a"])
     client.setblocking(True)
-    r = rig(link=server, peer=client)
+    r = rig(link=server, peer=client, extra=True)
     client.sendall(frame(UDP_PACKET))
     assert r.kernel.recv(65536) == UDP_PACKET
     if goodbye == "close_notify":
@@ -1579,15 +1669,21 @@ def test_tls_end_without_close_notify_is_a_broken_connection(certs, rig, goodbye
     r.thread.join(TIMEOUT)  # before close(): unread bytes would make the close a reset
     client.close()
     if goodbye == "cut":
-        assert simpletun.cut_without_goodbye(r.error), repr(r.error)
+        assert isinstance(r.error, LinkEnded) and "without a goodbye (close_notify)" in str(r.error)
     else:
         assert r.error is None
 
 
-def test_stream_beyond_the_longest_frame_this_end_takes_is_a_frame_error():
-    deframer = Deframer(simpletun.OFFLOAD_HEADER)
-    with pytest.raises(FrameError, match="a frame says it is 4294967295 bytes long"):
-        deframer.feed(b"\xff\xff\xff\xff" + b"x" * 100)
+def test_frame_longer_than_the_buffer_ends_the_link_with_a_reason(rig):
+    server, client = socket.socketpair()
+    link = simpletun.ExtraLink(server, "peer", simpletun.OFFLOAD_HEADER, 4096, heard=True)
+    client.sendall(b"\xff\xff\xff\xff" + b"x" * 5000)
+    with pytest.raises(LinkEnded, match="a frame longer than this end's buffer"):
+        for _ in range(10):
+            select.select([server], [], [], TIMEOUT)
+            list(link.cut(link.receive()))
+    client.close()
+    server.close()
 
 
 @pytest.mark.parametrize("size", [0, 1, 1500, 65535, 65536 + 1000])
@@ -1598,31 +1694,30 @@ def test_offload_frames_carry_a_4_byte_length(size):
     assert Deframer(simpletun.OFFLOAD_HEADER).feed(wire) == [packet]
 
 
-def test_debug_twice_says_what_each_receive_brought(rig, caplog):
-    caplog.set_level("DEBUG", logger="simpletun")
-    r = rig(debug=2)
+def test_debug_twice_says_what_each_receive_brought(rig):
+    r = rig(debug=2, extra=True)
     wire = frame(UDP_PACKET) * 2 + frame(ECHO_REQUEST)
     r.peer.sendall(wire[:-10])
     assert [r.kernel.recv(65536), r.kernel.recv(65536)] == [UDP_PACKET, UDP_PACKET]
     r.peer.sendall(wire[-10:])
     assert r.kernel.recv(65536) == ECHO_REQUEST
     r.finish()
-    receives = [m for m in caplog.messages if m.startswith("NET2TAP: a receive")]
+    receives = [m for m in r.lines() if m.startswith("NET2TAP: a receive")]
     assert receives == [
         "NET2TAP: a receive brought %d bytes from TCP: 2 whole frame(s); 76 of the next frame's 86 bytes "
         "wait for the next receive" % (len(wire) - 10),
-        "NET2TAP: a receive brought 10 bytes from TCP: 1 whole frame(s); nothing left over",
+        "NET2TAP: a receive brought 10 bytes from TCP (after 76 held from before): 1 whole frame(s); "
+        "nothing left over",
     ]
 
 
-def test_debug_three_times_shows_the_length_prefix_before_the_packet_on_the_wire(rig, caplog):
-    caplog.set_level("DEBUG", logger="simpletun")
-    r = rig(debug=3)
+def test_debug_three_times_shows_the_length_prefix_before_the_packet_on_the_wire(rig):
+    r = rig(debug=3, extra=True)
     r.kernel.send(ECHO_REQUEST)
     assert r.frames_from_peer(1) == [ECHO_REQUEST]
     r.finish()
     assert "TAP2NET 1: on the wire: [00 54] 45 00 00 54 00 01 00 00 40 01 00 00 0a 00 00 02 0a 00 00 01 08 00 00 00 ..." \
-        in caplog.messages
+        in r.lines()
 
 
 @pytest.mark.parametrize("gso_type, size, says", [
@@ -1746,7 +1841,7 @@ import socket, sys
 with socket.create_connection((sys.argv[1], 55555), timeout=5) as s:
     s.sendall(bytes.fromhex("0054450000540001000040010000c0000202c0000201") + bytes(62))  # proof: an IPv4 packet
     for tiny in (b"\\x00\\x00", b"\\x00\\x01\\x45"):
-        for _ in range(40):
+        for _ in range(10):
             s.sendall(tiny * 100000)
 print("sent", flush=True)
 """
@@ -2038,19 +2133,39 @@ def test_two_newcomers_proven_in_one_wake_up_leave_no_connection_behind():
     # Regression: the second overwrote the first in the room, whose connection was never closed.
     device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pairs = [socket.socketpair() for _ in range(2)]
-    with device, kernel, socket.create_server(("127.0.0.1", 0)) as listener, selectors.DefaultSelector() as sel:
-        room = simpletun.WaitingRoom(listener, Tunnel(device.fileno(), "tun9"))
-        room.watch(sel)
+    with device, kernel, socket.create_server(("127.0.0.1", 0)) as listener:
+        room = simpletun.WaitingRoom(listener, Tunnel(device.fileno(), "tun9"), program_args())
         newcomers = [simpletun.Newcomer(ours, "peer%d" % i, None) for i, (ours, _) in enumerate(pairs)]
         for newcomer in newcomers:
             room.newcomers[newcomer.sock] = newcomer
-            sel.register(newcomer.sock, selectors.EVENT_READ, room.handler(newcomer))
+            room.register(newcomer.sock, selectors.EVENT_READ, lambda events: None)
         for newcomer in newcomers:
             room.admit(newcomer)
         assert room.proven.address == "peer0"  # plaintext: the first keeps it
         theirs = pairs[1][1]
         theirs.settimeout(TIMEOUT)
         assert theirs.recv(10) == b""  # the second heard an orderly close
+        room.close()
+    for ours, theirs in pairs:
+        ours.close()
+        theirs.close()
+
+
+def test_an_event_for_a_connection_closed_earlier_in_the_same_wake_up_costs_nothing():
+    # Regression: with 64 connections closing, making room closed the oldest; its event, already
+    # in the same select() batch, then closed it a second time: KeyError, and the server died.
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pairs = [socket.socketpair() for _ in range(simpletun.MAX_CLOSING + 1)]
+    with device, kernel, socket.create_server(("127.0.0.1", 0)) as listener:
+        room = simpletun.WaitingRoom(listener, Tunnel(device.fileno(), "tun9"), program_args())
+        for ours, theirs in pairs[:-1]:
+            room.say_goodbye(ours, "orderly")
+            theirs.close()  # each closing connection now has an event: its peer's end
+        batch = room.select(0)  # the batch of events, before anyone is handled
+        room.say_goodbye(pairs[-1][0], "orderly")  # making room closes the oldest
+        for key, events in batch:
+            key.data(events)  # the oldest's event comes after its close: nothing may break
+        assert len(room.closing) <= simpletun.MAX_CLOSING
         room.close()
     for ours, theirs in pairs:
         ours.close()
