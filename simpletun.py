@@ -538,7 +538,8 @@ def tls_context(server, own_file, peer_file=None):
     try:
         context.load_cert_chain(own_file)
     except (OSError, ssl.SSLError, ValueError) as err:
-        raise UserError("--tls %s: %s" % (own_file, why_unusable(err, "a certificate and its private key"))) from None
+        raise UserError("--tls %s: %s" % (own_file, why_unusable(err, "a certificate and its private key"))) \
+            from None
     peer_file = peer_file or own_file
     try:
         with open(peer_file) as f:
@@ -874,7 +875,8 @@ class WaitingRoom(selectors.DefaultSelector):
                  " (%s, pinned certificate)" % newcomer.sock.version() if self.tls else "")
         if self.active:
             raise LinkReplaced("%s proved itself with the pinned certificate: it replaces %s "
-                               "(the newest authenticated client wins)" % (newcomer.address, self.active.address))
+                               "(the newest authenticated client wins)"
+                               % (newcomer.address, self.active.address))
 
     def send_away(self, newcomer, kind, why, how):
         """Refuse a newcomer: say why (see refuse()), and close it `how` (see say_goodbye())."""
@@ -975,11 +977,13 @@ def packet_mismatch(packet, length, tap):
         if length < PROOF_BYTES["tap"]:
             return "its first frame (%d bytes) is too short for an Ethernet frame" % length
         if looks_ip:
-            return "its first frame is an IP packet, not an Ethernet frame: it runs in tun mode (-u), this end in tap (-a)"
+            return ("its first frame is an IP packet, not an Ethernet frame: it runs in tun mode (-u), "
+                    "this end in tap (-a)")
         return None
     if looks_ip:
         return None
-    return "its first frame (%d bytes) is not an IP packet: noise, or a peer in tap mode (-a) while this end is tun" % length
+    return ("its first frame (%d bytes) is not an IP packet: noise, or a peer in tap mode (-a) while "
+            "this end is tun" % length)
 
 
 def looks_like_ip(packet, length):
@@ -1050,7 +1054,7 @@ def configure_device(name, interface=None, mtu=None):
 
 ETHERNET = struct.Struct("!6s6sH")  # destination MAC, source MAC, EtherType
 ARP = struct.Struct("!HHBBH6s4s6s4s")  # hardware/protocol types and sizes, op, sender/target MAC and IP
-IPV4 = struct.Struct("!BBHHHBBH4s4s")  # version+IHL, TOS, total length, id, flags+fragment, TTL, proto, sum, src, dst
+IPV4 = struct.Struct("!BBHHHBBH4s4s")  # version+IHL, TOS, length, id, fragment, TTL, proto, sum, src, dst
 IPV6 = struct.Struct("!IHBB16s16s")  # version+class+flow, payload length, next header, hop limit, src, dst
 PORTS = struct.Struct("!HH")  # the source and destination ports that start TCP and UDP headers
 
@@ -1129,8 +1133,9 @@ class Lines(logging.Handler):
             text += " (the original's words for any device: here %s, a tun device)" % self.device
         lines = [text, "%s %d: %s" % (direction, count, describe(packet, self.tap, self.offload))]
         if self.debug > 2 and direction == "TAP2NET":
-            lines.append("%s %d: on the wire: [%s] %s%s" % (direction, count, self.header.pack(len(packet)).hex(" "),
-                         bytes(packet[:WIRE_BYTES]).hex(" "), " ..." if len(packet) > WIRE_BYTES else ""))
+            lines.append("%s %d: on the wire: [%s] %s%s" % (
+                direction, count, self.header.pack(len(packet)).hex(" "), bytes(packet[:WIRE_BYTES]).hex(" "),
+                " ..." if len(packet) > WIRE_BYTES else ""))
         return lines
 
     def refusal(self, text, args):
@@ -1298,7 +1303,7 @@ def describe_transport(protocol, payload, icmp_types):
 
 IFF_VNET_HDR = 0x4000  # each read/write starts with a struct virtio_net_hdr
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int): which offloads the device may hand us
-TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08  # unfinished checksums; TCP super-packets
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08  # checksums; TCP super-packets
 TUN_F_USO4, TUN_F_USO6 = 0x20, 0x40  # UDP super-packets (Linux 6.2 and newer)
 # struct virtio_net_hdr (linux/virtio_net.h), little-endian on the machines we run on:
 VIRTIO_NET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -1440,7 +1445,8 @@ class Timeline:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             wait = self.HOLD / 3
-            readable = select.select(list(self.sources), [], [], wait)[0] if self.sources else time.sleep(wait)
+            readable = select.select(list(self.sources), [], [], wait)[0] if self.sources else \
+                time.sleep(wait)
             for fd in readable or ():
                 self.read(fd)
             self.emit(time.monotonic() - self.HOLD)
@@ -1581,7 +1587,8 @@ def lossy_cable_method(loss, delay):
     """How this machine can make the demo's cable lose or delay packets: 'netem', 'nft' or
     'iptables'; a UserError naming what is missing if it cannot. Decided before anything is built."""
     if shutil.which("tc") and (os.path.isdir("/sys/module/sch_netem") or shutil.which("modprobe") and
-                               subprocess.run(["modprobe", "-q", "sch_netem"], stderr=subprocess.DEVNULL).returncode == 0):
+                               subprocess.run(["modprobe", "-q", "sch_netem"],
+                                              stderr=subprocess.DEVNULL).returncode == 0):
         return "netem"
     if delay:
         raise UserError("--delay needs netem (tc qdisc ... netem), which this kernel does not have "
@@ -1599,11 +1606,13 @@ def make_cable_lossy(namespaces, method, loss, delay):
     for namespace in namespaces:
         if method == "netem":
             in_namespace(namespace, "tc", "qdisc", "add", "dev", "veth0", "root", "netem",
-                         *(["loss", "%g%%" % loss] if loss else []), *(["delay", "%gms" % delay] if delay else []))
+                         *(["loss", "%g%%" % loss] if loss else []),
+                         *(["delay", "%gms" % delay] if delay else []))
         elif method == "nft":  # numgen random: a random number per packet, 0..9999
             chance = "numgen random mod 10000 < %d " % round(loss * 100) if loss < 100 else ""
             in_namespace(namespace, "nft", "add table inet simpletun_demo; add chain inet simpletun_demo out "
-                         "{ type filter hook output priority 0; policy accept; }; add rule inet simpletun_demo out "
+                         "{ type filter hook output priority 0; policy accept; }; "
+                         "add rule inet simpletun_demo out "
                          "oifname veth0 %scounter drop" % chance)
         else:
             in_namespace(namespace, "iptables", "-A", "OUTPUT", "-o", "veth0", "-m", "statistic",
@@ -1641,7 +1650,8 @@ def demo(args):
     options = ["-i", device] + (["-" + "d" * level] if level else []) + (["-a"] if args.tap else []) + \
         (["--tls", os.path.abspath(args.tls)] if args.tls else []) + (["--offload"] if args.offload else [])
     ends = {"server": options + ["-s", "--addr", DEMO_TUNNEL["server"]],
-            "client": options + ["-c", DEMO_UNDERLAY["server"].split("/")[0], "--addr", DEMO_TUNNEL["client"]]}
+            "client": options + ["-c", DEMO_UNDERLAY["server"].split("/")[0],
+                                 "--addr", DEMO_TUNNEL["client"]]}
     target = DEMO_TUNNEL["server"].split("/")[0]
     timeline = Timeline()
     timeline.say("two hosts, each a network namespace, joined by a veth pair (the \"physical\" network):\n"
@@ -1663,10 +1673,11 @@ def demo(args):
             timeline.say("%s: simpletun.py %s" % (side, " ".join(ends[side])))
             running[side] = start_in(ns[side], script + ends[side])
             timeline.follow(side, running[side])
-            if not timeline.pump(lambda: timeline.saw(side, ready) or running[side].poll() is not None, DEMO_WAIT) \
-                    or running[side].poll() is not None:
+            started = lambda: timeline.saw(side, ready) or running[side].poll() is not None  # noqa: E731
+            if not timeline.pump(started, DEMO_WAIT) or running[side].poll() is not None:
                 raise UserError("the demo's %s did not come up: see its lines above" % side)
-        pinger = start_in(ns["client"], [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import simpletun; "
+        pinger = start_in(ns["client"], [sys.executable, "-c",
+                                         "import sys; sys.path.insert(0, %r); import simpletun; "
                                          "sys.exit(simpletun.demo_ping(%r))"
                                          % (os.path.dirname(os.path.abspath(__file__)), target)])
         timeline.follow("ping", pinger)
@@ -1685,7 +1696,8 @@ def demo(args):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave things behind
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if method and "client" in running:
-            timeline.say("the tunnel's own TCP connection retransmitted %s segment(s) from the client, %s from the "
+            timeline.say("the tunnel's own TCP connection retransmitted %s segment(s) from the client, %s "
+                         "from the "
                          "server (ss -ti)" % (outer_retransmissions(ns["client"], "( dport = :%d )" % PORT),
                                               outer_retransmissions(ns["server"], "( sport = :%d )" % PORT)))
         for side in ("ping", "client", "server"):  # both ends print their summary line on SIGTERM
@@ -1744,17 +1756,21 @@ def bench(ns, timeline, mode):
 
     def run(namespace, call):
         result = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c",
-                                 "import sys; sys.path.insert(0, %r); import simpletun; simpletun.%s" % (here, call)],
+                                 "import sys; sys.path.insert(0, %r); import simpletun; simpletun.%s"
+                                 % (here, call)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                                 timeout=BENCH_SECONDS * 10)
         if result.returncode:
-            timeline.say("bench: %s failed: %s" % (call.split("(")[0], (result.stderr.strip().splitlines() or ["?"])[-1]))
+            why = (result.stderr.strip().splitlines() or ["?"])[-1]
+            timeline.say("bench: %s failed: %s" % (call.split("(")[0], why))
             return None
         return json.loads(result.stdout)
 
-    addresses = {side: {"underlay": DEMO_UNDERLAY[side].split("/")[0], "tunnel": DEMO_TUNNEL[side].split("/")[0]}
+    addresses = {side: {"underlay": DEMO_UNDERLAY[side].split("/")[0],
+                        "tunnel": DEMO_TUNNEL[side].split("/")[0]}
                  for side in ns}
-    sink = start_in(ns["server"], [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import simpletun; "
+    sink = start_in(ns["server"], [sys.executable, "-c",
+                                   "import sys; sys.path.insert(0, %r); import simpletun; "
                                    "simpletun.bench_sink(%d)" % (here, BENCH_PORT)])
     try:
         timeline.say("bench: TCP client -> server for %d s over the cable, then through the tunnel; "
@@ -1847,7 +1863,8 @@ def ipv4_interface(text):
             raise ValueError
         return ipaddress.IPv4Interface(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("not an IPv4 address/prefix such as 10.0.0.1/24: %r" % text) from None
+        raise argparse.ArgumentTypeError("not an IPv4 address/prefix such as 10.0.0.1/24: %r" % text) \
+            from None
 
 
 def parse_args(argv=None):
@@ -1883,7 +1900,7 @@ def parse_args(argv=None):
     demo.add_argument("--keep", action="store_true", help="keep the demo's hosts and tunnel up until Ctrl-C")
     demo.add_argument("--loss", metavar="PCT", type=number_between(0, 100, "a percentage", float), default=0,
                       help="the demo's cable loses PCT %% of packets each way")
-    demo.add_argument("--delay", metavar="MS", type=number_between(0, 10000, "a delay in ms", float), default=0,
+    demo.add_argument("--delay", metavar="MS", default=0, type=number_between(0, 1e4, "a delay in ms", float),
                       help="the demo's cable delays each packet MS ms (needs netem)")
     demo.add_argument("--bench", action="store_true",
                       help="measure TCP throughput and ping over the demo's cable and through its tunnel")
@@ -1895,7 +1912,8 @@ def parse_args(argv=None):
                            "what each receive brought; -ddd also shows each frame's first bytes on the wire")
     args = parser.parse_args(argv)
     if args.tap and args.mtu and args.mtu > MAX_TAP_MTU:
-        parser.error("a tap device takes an MTU of at most %d (the Ethernet header must fit in 65535)" % MAX_TAP_MTU)
+        parser.error("a tap device takes an MTU of at most %d (the Ethernet header must fit in 65535)"
+                     % MAX_TAP_MTU)
     if args.tls_peer and not args.tls:
         parser.error("--tls-peer needs --tls FILE (this end's certificate and key)")
     if args.demo:
@@ -1944,7 +1962,8 @@ def extended_end(args):
     """Open the device with the extras' options, then serve (-s) or connect (-c) until the end."""
     tls = tls_context(args.server, args.tls, args.tls_peer) if args.tls else None
     flags = (IFF_TAP if args.tap else IFF_TUN) | (IFF_VNET_HDR if args.offload else 0)
-    tunnel = Tunnel(*tun_alloc(args.iface, flags), args.debug, OFFLOAD_READ_SIZE if args.offload else MAX_PACKET)
+    read_size = OFFLOAD_READ_SIZE if args.offload else MAX_PACKET
+    tunnel = Tunnel(*tun_alloc(args.iface, flags), args.debug, read_size)
     tunnel.served = False  # a peer came: the run is worth a summary line
     try:
         set_offload(tunnel.fd, args.offload)
