@@ -341,9 +341,9 @@ def port_number(text):
     return int(text)
 
 
-def make_parser(required=True):
+def make_parser(required=True, debug_help="log every packet"):
     """The original's flags, with long forms: -i NAME, -s | -c HOST, -p PORT, -u | -a, -d, -h.
-    (An extra that needs neither an interface nor a role, the demo, asks for required=False.)"""
+    (The extras add a demo, which needs neither interface nor role, and more levels of -d.)"""
     parser = argparse.ArgumentParser(prog="simpletun.py", description="A tun/tap tunnel over TCP.")
     parser.add_argument("-i", "--iface", metavar="NAME", type=interface_name, required=required,
                         help="tun/tap interface to use, made if it does not exist")
@@ -355,7 +355,7 @@ def make_parser(required=True):
     kind.add_argument("-u", "--tun", dest="tap", action="store_false", default=False,
                       help="use a TUN device (default)")
     kind.add_argument("-a", "--tap", dest="tap", action="store_true", help="use a TAP device")
-    parser.add_argument("-d", "--debug", action="count", default=0, help="log every packet")
+    parser.add_argument("-d", "--debug", action="count", default=0, help=debug_help)
     return parser
 
 
@@ -419,8 +419,8 @@ __version__ = "2.0.0"
 #    1. ExtraLink: the full program's link (a subclass of Link)   2. TLS (--tls)
 #    3. the server's waiting room (WaitingRoom: the selector serve() uses)
 #    4. --addr/--mtu   5. what a line is about: -dd, -ddd, the demo's stamps (the Lines handler)
-#    6. --offload (the frame header and the read size)   7. --udp (a datagram link)
-#    8. the demo and the bench (--demo)   9. the full command line (full_main)
+#    6. --offload (the frame header and the read size)   7. the demo and the bench (--demo)
+#    8. the full command line (full_main)
 
 
 # ---- 1. The full program's link: ExtraLink --------------------------------------------------
@@ -437,7 +437,7 @@ GOODBYE_TIME = 2  # seconds we wait for the peer's half of an orderly close
 # "Not now, ask select() again": a full or empty socket, or (TLS) an incomplete record
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 EVICTED = ("the server reset the connection before it served this end: its waiting room was full "
-           "(a flood of connections?); start the client again")
+           "(a flood of connections?), or it stopped; start the client again")
 UNSERVED = ("the server closed the connection without sending a packet: it serves one client at a "
             "time (is another one connected?), or runs with other options (--tls, --offload, -u/-a); "
             "its log says which")
@@ -656,7 +656,6 @@ def tls_goodbye(sock):
         pass
 
 
-
 # ---- 3. Who gets the server's one client slot: WaitingRoom ----------------------------------
 #      The room is the selector serve() uses (its next_client and selector seams). It accepts
 #      every connection at once, even while a client is served, and keeps it with a deadline
@@ -724,9 +723,11 @@ class WaitingRoom(selectors.DefaultSelector):
         if not self.newcomers and not self.closing and not self.report_at:  # the usual case: cheap
             return super().select(timeout)
         self.expire()
+        now = time.monotonic()
         deadlines = [self.deadline_of(n) for n in self.newcomers.values()] + list(self.closing.values())
-        deadlines = [d for d in deadlines + [self.report_at] if d is not None]
-        return super().select(max(0, min(deadlines) - time.monotonic()) if deadlines else timeout)
+        deadlines += [self.report_at, None if timeout is None else now + timeout]
+        deadlines = [d for d in deadlines if d is not None]
+        return super().select(max(0, min(deadlines) - now) if deadlines else None)
 
     def deadline_of(self, newcomer):
         """A handshake or a greeting has its own deadline; a silent plaintext newcomer has one only
@@ -763,13 +764,13 @@ class WaitingRoom(selectors.DefaultSelector):
         return "it sent no packet within %g s while %s is being served" % (
             PROOF_TIMEOUT, self.active.address if self.active else "another client")
 
-    def refuse(self, address, kind, why):
+    def refuse(self, address, kind, why, verb="refused"):
         """Say why a newcomer leaves: each reason once, with its address, then (a flood) counted."""
         self.refused[kind] += 1
         reason = re.sub(r"[0-9.]+", "#", why)  # "its first frame (40 bytes)..." and "(41 bytes)" alike
         if reason not in self.said:
             self.said.add(reason)
-            log.warning("SERVER: refused %s: %s", address, why)
+            log.warning("SERVER: %s %s: %s", verb, address, why)
         else:
             self.unsaid += 1
         if self.report_at is None:
@@ -784,7 +785,6 @@ class WaitingRoom(selectors.DefaultSelector):
             for key, events in self.select():
                 key.data(events)
         self.active, self.proven = self.proven, None
-        self.tunnel.served = True
         return self.active
 
     def accept(self, events):
@@ -858,8 +858,8 @@ class WaitingRoom(selectors.DefaultSelector):
         self.leave_room(newcomer)
         holder = self.active or self.proven  # (two may prove themselves in one wake-up)
         if holder and not self.tls:
-            log.warning("SERVER: turned away %s: it proved itself, but %s is being served "
-                        "(one client at a time)", newcomer.address, holder.address)
+            self.refuse(newcomer.address, "turned away", "it proved itself, but %s is being served "
+                        "(one client at a time)" % holder.address, verb="turned away")
             return self.say_goodbye(newcomer.sock, "orderly")
         if self.proven:  # --tls: the newer of two proven in one wake-up takes the slot
             self.say_goodbye(self.proven.sock, "orderly")
@@ -898,13 +898,12 @@ class WaitingRoom(selectors.DefaultSelector):
         try:
             if how == "reset":  # linger on, for 0 s: close() sends a reset
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            elif how == "orderly" and isinstance(sock, ssl.SSLSocket):
+                sock.close()
+                return
+            if how == "orderly" and isinstance(sock, ssl.SSLSocket):
                 tls_goodbye(sock)
-            if how != "reset":
-                sock.shutdown(socket.SHUT_WR)
-        except (OSError, ValueError):  # the peer is gone already
-            how = "reset"
-        if how == "reset":
+            sock.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError):  # the peer is gone already: nothing to wait for
             sock.close()
             return
         if len(self.closing) >= MAX_CLOSING:
@@ -1001,7 +1000,6 @@ def looks_like_ip(packet, length):
 # ---- 4. Setting up the device (--addr, --mtu): configure_device() ---------------------------
 #      What ifconfig does, so that two ends can talk without an ip command.
 
-
 # linux/sockios.h: the requests ifconfig makes to set up an interface, on any AF_INET socket.
 # Each passes a struct ifreq: the interface name, then the one field the request reads or writes.
 SIOCGIFFLAGS = 0x8913  # read the interface flags (ifr_flags)
@@ -1043,7 +1041,6 @@ def configure_device(name, interface=None, mtu=None):
             request(SIOCSIFFLAGS, IFREQ_FLAGS.pack(ifname, flags | IFF_UP), "flags")
     done = (["MTU %d" % mtu] if mtu else []) + (["address %s" % interface, "up"] if interface else [])
     log.debug("Configured %s: %s", name, ", ".join(done))
-
 
 
 # ---- 5. What a line is about (-dd, -ddd) and when it happened (the demo): Lines -------------
@@ -1153,16 +1150,18 @@ class Lines(logging.Handler):
 def log_receive(link, count):
     """-dd: what one receive brought: bytes, the frames they complete, a frame left unfinished."""
     frames, start, end, size = 0, 0, link.kept + count, link.header.size
-    while end - start >= size and start + size + link.header.unpack_from(link.buffer, start)[0] <= end:
-        start += size + link.header.unpack_from(link.buffer, start)[0]
-        frames += 1
+    whole = None  # the size of the frame that begins at `start`, once its length has come
+    while end - start >= size:
+        whole = size + link.header.unpack_from(link.buffer, start)[0]
+        if start + whole > end:
+            break
+        start, frames, whole = start + whole, frames + 1, None
     if end == start:
         unfinished = "nothing left over"
-    elif end - start < size:
+    elif whole is None:
         unfinished = "%d byte(s) of the next frame's length wait for the next receive" % (end - start)
     else:
-        unfinished = "%d of the next frame's %d bytes wait for the next receive" % (
-            end - start, size + link.header.unpack_from(link.buffer, start)[0])
+        unfinished = "%d of the next frame's %d bytes wait for the next receive" % (end - start, whole)
     held = " (after %d held from before)" % link.kept if link.kept else ""
     log.debug("NET2TAP: a receive brought %d bytes from TCP%s: %d whole frame(s); %s",
               count, held, frames, unfinished)
@@ -1286,7 +1285,6 @@ def describe_transport(protocol, payload, icmp_types):
     return "protocol %d" % protocol
 
 
-
 # ---- 6. Segmentation offload (--offload): set_offload(), the greeting, describe_offloaded() ---
 #      Attaches through the tunnel's own parameters: tun_alloc's flags (IFF_VNET_HDR), the
 #      Tunnel's read size, and the Link's frame header and buffer size.
@@ -1386,8 +1384,7 @@ def headers_size(packet, tap):
     return start + size + (8 if protocol == UDP else 0)
 
 
-
-# ---- 8. The whole tunnel on one machine: demo(), Timeline, ping(), the lossy cable, the bench ---
+# ---- 7. The whole tunnel on one machine: demo(), Timeline, ping(), the lossy cable, the bench ---
 #      Two network namespaces stand in for two hosts, a veth pair for the cable between them;
 #      each end is this program, run with --timestamps so that one timeline shows both.
 
@@ -1838,8 +1835,7 @@ def bench_ping(address, count):
     print(json.dumps(None if None in times else sum(times) / len(times) * 1000))
 
 
-
-# ---- 9. The full command line: parse_args(), full_main() -----------------------------------
+# ---- 8. The full command line: parse_args(), full_main() -----------------------------------
 #      The tunnel's own parser (make_parser) with the extras' flags added, and the tunnel's
 #      run() and serve()/run_client() called with the extras in their seams.
 
@@ -1869,7 +1865,9 @@ def ipv4_interface(text):
 
 def parse_args(argv=None):
     """Read the command line: the original's flags (make_parser), then the extras'."""
-    parser = make_parser(required=False)
+    parser = make_parser(required=False, debug_help="log every packet, as the original did; -dd also says "
+                         "what each packet is and what each receive brought; -ddd also shows each frame's "
+                         "first bytes on the wire")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "examples:\n"
@@ -1906,10 +1904,6 @@ def parse_args(argv=None):
                       help="measure TCP throughput and ping over the demo's cable and through its tunnel")
     parser.add_argument("--timestamps", action="store_true", help=argparse.SUPPRESS)  # the demo's ends
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    for action in parser._actions:  # -d's help, now that -dd and -ddd say more
-        if action.dest == "debug":
-            action.help = ("log every packet, as the original did; -dd also says what each packet is and "
-                           "what each receive brought; -ddd also shows each frame's first bytes on the wire")
     args = parser.parse_args(argv)
     if args.tap and args.mtu and args.mtu > MAX_TAP_MTU:
         parser.error("a tap device takes an MTU of at most %d (the Ethernet header must fit in 65535)"
@@ -1933,7 +1927,7 @@ def parse_args(argv=None):
     return args
 
 
-def client_link(sock, host, args, tls, tunnel):
+def client_link(sock, host, args, tls):
     """run_client()'s make_link: TLS handshake, ExtraLink, and the --offload greeting."""
     keep_alive(sock)
     if tls:
@@ -1946,7 +1940,6 @@ def client_link(sock, host, args, tls, tunnel):
     except (PeerMismatch, OSError) as err:
         link.sock.close()  # not a peer of this kind: no goodbye to wait for
         raise UserError("CLIENT: %s" % err) from None
-    tunnel.served = True
     return link
 
 
@@ -1964,7 +1957,6 @@ def extended_end(args):
     flags = (IFF_TAP if args.tap else IFF_TUN) | (IFF_VNET_HDR if args.offload else 0)
     read_size = OFFLOAD_READ_SIZE if args.offload else MAX_PACKET
     tunnel = Tunnel(*tun_alloc(args.iface, flags), args.debug, read_size)
-    tunnel.served = False  # a peer came: the run is worth a summary line
     try:
         set_offload(tunnel.fd, args.offload)
         log.debug("Successfully connected to interface %s", tunnel.name)
@@ -1972,11 +1964,11 @@ def extended_end(args):
             configure_device(tunnel.name, args.addr, args.mtu)
         if args.client:
             return run_client(tunnel, args.client, args.port,
-                              lambda sock, host: client_link(sock, host, args, tls, tunnel))
+                              lambda sock, host: client_link(sock, host, args, tls))
         serve_with_room(tunnel, args, tls)
     finally:
         os.close(tunnel.fd)
-        if tunnel.served:
+        if tunnel.tap2net or tunnel.net2tap:  # a peer came (an error before that needs no second line)
             log.warning("simpletun.py: %s: TAP2NET %d packets, NET2TAP %d packets, %d dropped",
                         tunnel.name, tunnel.tap2net, tunnel.net2tap, tunnel.dropped)
 

@@ -2,8 +2,10 @@
 the command line, and end to end with real devices in network namespaces (root only)."""
 
 import argparse
+import contextlib
 import errno
 import gc
+import io
 import itertools
 import json
 import os
@@ -21,8 +23,6 @@ import sys
 import threading
 import time
 import weakref
-
-import io
 
 import pytest
 
@@ -2131,12 +2131,26 @@ def test_demo_flags_usage_errors(args, reason):
     assert reason in result.stderr
 
 
+@contextlib.contextmanager
+def room_with_pairs(count):
+    """A server's waiting room (stand-in device, loopback listener) and `count` connected socket
+    pairs, (ours, theirs); everything is closed afterwards."""
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pairs = [socket.socketpair() for _ in range(count)]
+    try:
+        with device, kernel, socket.create_server(("127.0.0.1", 0)) as listener:
+            room = simpletun.WaitingRoom(listener, Tunnel(device.fileno(), "tun9"), program_args())
+            with room:
+                yield room, pairs
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
 def test_two_newcomers_proven_in_one_wake_up_leave_no_connection_behind():
     # Regression: the second overwrote the first in the room, whose connection was never closed.
-    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pairs = [socket.socketpair() for _ in range(2)]
-    with device, kernel, socket.create_server(("127.0.0.1", 0)) as listener:
-        room = simpletun.WaitingRoom(listener, Tunnel(device.fileno(), "tun9"), program_args())
+    with room_with_pairs(2) as (room, pairs):
         newcomers = [simpletun.Newcomer(ours, "peer%d" % i, None) for i, (ours, _) in enumerate(pairs)]
         for newcomer in newcomers:
             room.newcomers[newcomer.sock] = newcomer
@@ -2147,31 +2161,21 @@ def test_two_newcomers_proven_in_one_wake_up_leave_no_connection_behind():
         theirs = pairs[1][1]
         theirs.settimeout(TIMEOUT)
         assert theirs.recv(10) == b""  # the second heard an orderly close
-        room.close()
-    for ours, theirs in pairs:
-        ours.close()
-        theirs.close()
 
 
 def test_an_event_for_a_connection_closed_earlier_in_the_same_wake_up_costs_nothing():
     # Regression: with 64 connections closing, making room closed the oldest; its event, already
     # in the same select() batch, then closed it a second time: KeyError, and the server died.
-    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pairs = [socket.socketpair() for _ in range(simpletun.MAX_CLOSING + 1)]
-    with device, kernel, socket.create_server(("127.0.0.1", 0)) as listener:
-        room = simpletun.WaitingRoom(listener, Tunnel(device.fileno(), "tun9"), program_args())
+    with room_with_pairs(simpletun.MAX_CLOSING + 1) as (room, pairs):
         for ours, theirs in pairs[:-1]:
             room.say_goodbye(ours, "orderly")
             theirs.close()  # each closing connection now has an event: its peer's end
         batch = room.select(0)  # the batch of events, before anyone is handled
+        assert len(batch) == simpletun.MAX_CLOSING
         room.say_goodbye(pairs[-1][0], "orderly")  # making room closes the oldest
         for key, events in batch:
             key.data(events)  # the oldest's event comes after its close: nothing may break
         assert len(room.closing) <= simpletun.MAX_CLOSING
-        room.close()
-    for ours, theirs in pairs:
-        ours.close()
-        theirs.close()
 
 
 def test_a_link_that_ended_is_freed_without_the_cycle_collector():
@@ -2185,11 +2189,12 @@ def test_a_link_that_ended_is_freed_without_the_cycle_collector():
         freed = weakref.ref(link)
         theirs.sendall(frame(UDP_PACKET, simpletun.OFFLOAD_HEADER))
         theirs.close()
-        with selectors.DefaultSelector() as selector:
+        with selectors.DefaultSelector() as selector:  # outlives the link, as a server's does
             simpletun.relay(Tunnel(device.fileno(), "tun9"), link, selector)
-        link.close()
-        del link
-        assert freed() is None
+            link.close()
+            del link
+            assert freed() is None
+            assert not selector.get_map()  # relay() took back what it registered
     finally:
         gc.enable()
         for sock in (device, kernel, ours, theirs):
