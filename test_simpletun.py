@@ -2236,3 +2236,33 @@ def test_an_attack_of_idle_connections_and_resets_neither_ends_the_server_nor_dr
     assert "refused" in text and rss_peak_kib(server) < 32 * 1024
     # a flood is summed up, not told connection by connection
     assert text.count("SERVER: refused 192.0.2.2:") < 100
+
+
+CYCLES = """
+import socket, sys
+host, first, count = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+for i in range(count):  # a peer that is admitted and leaves: its first frame, then an orderly end
+    sock = socket.create_connection((host, 55555), timeout=5)
+    sock.sendall(first)
+    sock.shutdown(socket.SHUT_WR)
+    while sock.recv(65536):  # the server's greeting (--offload), then its end of the connection
+        pass
+    sock.close()
+print("cycles", count, flush=True)
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("mode", [[], ["--offload"]])
+def test_memory_stays_bounded_after_2000_peers_admitted_and_gone(lab, mode):
+    server = lab.tunnel("s", "-i", "tun0", "-d", *mode)
+    lab.configure("s", "tun0")
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    udp = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, bytes([10, 9, 0, 2]), bytes(4)) + bytes(8)
+    first = simpletun.GREETING_FRAME if mode else frame(udp)
+    peers = lab.spawn("c", [sys.executable, "-c", CYCLES, lab.SERVER_IP, first.hex(), "2000"], "peers.log")
+    assert peers.wait(300) == 0, log_of(peers)
+    text = log_of(server)
+    assert server.poll() is None, text
+    assert text.count("the peer closed the connection") == 2000  # each one was served, then left
+    assert rss_peak_kib(server) < 32 * 1024
