@@ -429,10 +429,11 @@ __version__ = "2.0.0"
 #      for each receive, and one line that says why a link ended before its first packet.
 
 # Noticing a peer that vanished without a word (power cut, cable pulled): keepalive probes after
-# 20 s of silence, 4 probes 5 s apart; data unacknowledged for 40 s ends the connection.
+# 20 s of silence, 4 probes 5 s apart; data unacknowledged (or not taken) for 40 s ends the connection.
+USER_TIMEOUT = 40
 KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 20),
              (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
-             (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 40_000))
+             (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT * 1000))
 GOODBYE_TIME = 2  # seconds we wait for the peer's half of an orderly close
 # "Not now, ask select() again": a full or empty socket, or (TLS) an incomplete record
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -463,6 +464,7 @@ class ExtraLink(Link):
         super().__init__(sock, address, header, size)
         self.tls, self.debug = isinstance(sock, ssl.SSLSocket), debug
         self.heard = heard  # the peer sent something: a server admits a peer only once it has
+        self.stalled = None  # since when the peer has taken none of the frames queued for it
 
     def receive(self):
         """Link.receive(), and with TLS what it decrypted beyond; a broken link says why."""
@@ -474,12 +476,10 @@ class ExtraLink(Link):
             while count and self.tls and self.sock.pending() and self.kept + count < len(self.buffer):
                 # bytes TLS decrypted already: select() cannot see them, so take them now
                 count += self.sock.recv_into(self.view[self.kept + count:])
-        except ssl.SSLError as err:
-            raise LinkEnded(explain_tls_ending(err, self)) from None
-        except ConnectionResetError:
-            if self.heard:
-                raise
-            raise LinkEnded(EVICTED) from None
+        except OSError as err:  # ssl.SSLError too
+            if isinstance(err, ConnectionResetError) and not self.heard:
+                raise LinkEnded(EVICTED) from None
+            raise self.lost(err) from None
         if count and not self.heard:
             self.heard = True
             if self.header is HEADER and bytes(self.view[:len(GREETING_FRAME)]) == GREETING_FRAME:
@@ -488,6 +488,25 @@ class ExtraLink(Link):
         if count and self.debug > 1:
             log_receive(self, count)
         return count
+
+    def send_queued(self):
+        """Link.send_queued(), noting since when the peer has taken nothing; a broken link says why."""
+        waiting = len(self.out)
+        try:
+            super().send_queued()
+        except OSError as err:
+            raise self.lost(err) from None
+        if not self.out or len(self.out) < waiting:
+            self.stalled = None
+        elif self.stalled is None:
+            self.stalled = time.monotonic()
+
+    def lost(self, err):
+        """Why the connection broke, as clearly as this end can tell."""
+        if self.stalled is not None and time.monotonic() - self.stalled >= USER_TIMEOUT - 5:
+            return LinkEnded("connection dropped: the peer took none of this end's data for %d s "
+                             "(it stopped reading, or cannot be reached)" % USER_TIMEOUT)
+        return LinkEnded(explain_tls_ending(err, self)) if isinstance(err, ssl.SSLError) else err
 
     def finish(self):
         """Link.finish(); a server that closes before sending anything probably served someone else."""

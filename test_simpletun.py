@@ -1676,6 +1676,28 @@ def test_tls_end_without_close_notify_is_a_broken_connection(certs, rig, goodbye
         assert r.error is None
 
 
+def test_a_peer_that_takes_nothing_until_the_kernel_drops_it_is_named_so():
+    ours, theirs = socket.socketpair()
+    link = simpletun.ExtraLink(ours, "peer")
+    ours.setblocking(False)
+    with ours, theirs:
+        while not link.stalled:  # the peer reads nothing: its side fills up
+            link.out += bytes(65536)
+            link.send_queued()
+        assert link.stalled <= time.monotonic()
+        theirs.recv(65536)  # it takes something: not stalled any more
+        link.send_queued()
+        assert link.stalled is None
+        cut = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+        link.heard = True
+        assert "without a goodbye (close_notify)" in str(link.lost(cut))  # a peer killed, or a cut
+        link.stalled = time.monotonic() - simpletun.USER_TIMEOUT
+        for err in (cut, TimeoutError(errno.ETIMEDOUT, "Connection timed out")):
+            assert "took none of this end's data for 40 s" in str(link.lost(err))
+        link.stalled = None
+        assert link.lost(ConnectionAbortedError()).__class__ is ConnectionAbortedError  # nothing to add
+
+
 def test_frame_longer_than_the_buffer_ends_the_link_with_a_reason(rig):
     server, client = socket.socketpair()
     link = simpletun.ExtraLink(server, "peer", simpletun.OFFLOAD_HEADER, 4096, heard=True)
