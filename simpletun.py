@@ -1109,6 +1109,7 @@ class Lines(logging.Handler):
         self.stream = stream or sys.stderr
         self.debug, self.tap, self.offload, self.stamps = args.debug, args.tap, args.offload, args.timestamps
         self.header, self.device = OFFLOAD_HEADER if args.offload else HEADER, args.iface
+        self.udp = args.udp
         self.arrived = None  # when the last packet came from the network (see stamp())
         self.quiet_until, self.unsaid = 0, 0  # refusals not printed (see QUIET_TIME)
         self.told_tap = False
@@ -1140,7 +1141,8 @@ class Lines(logging.Handler):
         if self.debug < 2:
             return [text]
         if record.msg == "TAP2NET %d: Written %d bytes to the network":
-            return [text + " (%d with its %d-byte length)" % (args[1] + self.header.size, self.header.size)]
+            return [text + (" (one datagram: no length in front, a datagram keeps its own)" if self.udp else
+                            " (%d with its %d-byte length)" % (args[1] + self.header.size, self.header.size))]
         if packet is None:
             return [text]
         direction, count = text.split(" ", 1)[0], args[0]
@@ -1149,8 +1151,9 @@ class Lines(logging.Handler):
             text += " (the original's words for any device: here %s, a tun device)" % self.device
         lines = [text, "%s %d: %s" % (direction, count, describe(packet, self.tap, self.offload))]
         if self.debug > 2 and direction == "TAP2NET":
-            lines.append("%s %d: on the wire: [%s] %s%s" % (
-                direction, count, self.header.pack(len(packet)).hex(" "), bytes(packet[:WIRE_BYTES]).hex(" "),
+            lines.append("%s %d: on the wire: %s%s%s" % (
+                direction, count, "" if self.udp else "[%s] " % self.header.pack(len(packet)).hex(" "),
+                bytes(packet[:WIRE_BYTES]).hex(" "),
                 " ..." if len(packet) > WIRE_BYTES else ""))
         return lines
 
@@ -1403,7 +1406,170 @@ def headers_size(packet, tap):
     return start + size + (8 if protocol == UDP else 0)
 
 
-# ---- 7. The whole tunnel on one machine: demo(), Timeline, ping(), the lossy cable, the bench ---
+# ---- 7. One packet per datagram (--udp): DatagramLink, udp_socket() --------------------------
+#      A Link the same loop drives (relay() as it is): send_queued() sends each queued frame's packet
+#      as one datagram -- the length goes no further, a datagram keeps its own -- and receive() puts
+#      a length in front of each datagram it takes, so that cut() hands it over as one packet. No
+#      connection, no stream, so no TCP over TCP: a datagram lost on the cable is lost, and the
+#      connections inside the tunnel repair it themselves. Nor does anything say who the peer is:
+#      the server serves the address of the first datagram that is a plausible packet for the mode
+#      (the waiting room's test), drops everyone else's, and lets another address take the place
+#      only once its client has been silent UDP_SILENCE s (a restarted client gets a new port). So
+#      that an idle client is not taken for gone, its selector (Heartbeat) sends an empty datagram
+#      whenever it has sent nothing for UDP_HEARTBEAT s.
+
+UDP_SILENCE = 3  # seconds a server's client must be silent before another address may take its place
+UDP_HEARTBEAT = 1  # seconds a client may send nothing before it says "still here"
+MAX_STRANGERS = 1024  # addresses whose dropped datagrams are counted one by one (each is named once)
+UDP_MTU = 1500 - 40 - 8  # the device MTU whose packets fit one datagram on a 1500-byte cable (IPv6+UDP)
+
+
+class DatagramLink(Link):
+    """A Link over UDP: each packet one datagram. The server's (peer None) learns its client."""
+
+    def __init__(self, sock, address, tap, peer=None):
+        super().__init__(sock, address)
+        self.tap, self.peer, self.server = tap, peer, peer is None
+        self.heard_at = self.sent_at = 0  # when the peer last sent a datagram; when we last did
+        self.unanswered = False  # the server's host said "nothing here" (ICMP port unreachable)
+        self.strangers = collections.Counter()  # datagrams dropped, by sender
+
+    def send_queued(self):
+        """Send each queued packet as one datagram, without its length."""
+        start = 0
+        with memoryview(self.out) as out:
+            while start < len(out) and self.peer:
+                (length,) = HEADER.unpack_from(out, start)
+                try:
+                    self.sock.sendto(out[start + HEADER.size:start + HEADER.size + length], self.peer)
+                except self.would_block:  # the socket buffer is full: select() says when it drains
+                    break
+                except ConnectionRefusedError:  # the ICMP answer to an earlier datagram
+                    self.say_unanswered()
+                start += HEADER.size + length
+                self.sent_at = time.monotonic()
+        if self.peer is None and self.out and not self.unanswered:
+            self.unanswered = True  # (a server's flag: it has said this)
+            log.warning("SERVER: no client yet: what the device hands over is dropped until one sends")
+        del self.out[:start if self.peer else len(self.out)]
+
+    def receive(self):
+        """Take the datagrams waiting, each behind a 2-byte length for cut(); None if none is for us."""
+        end = 0
+        for _ in range(MAX_BATCH):
+            if len(self.buffer) - end < HEADER.size + MAX_PACKET:
+                break
+            try:
+                size, sender = self.sock.recvfrom_into(self.view[end + HEADER.size:])
+            except self.would_block:
+                break
+            except ConnectionRefusedError:
+                self.say_unanswered()
+                continue
+            if self.admits(sender, self.view[end + HEADER.size:end + HEADER.size + size]):
+                HEADER.pack_into(self.buffer, end, size)
+                end += HEADER.size + size
+        return end or None  # never 0: a datagram socket has no end of stream
+
+    def admits(self, sender, packet):
+        """True if a datagram carries a packet from our peer. A server takes a new peer's first
+        plausible packet while it has none, or its client has been silent UDP_SILENCE s."""
+        now = time.monotonic()
+        if sender == self.peer:
+            self.heard_at, self.unanswered = now, False
+            return len(packet) > 0  # an empty one is a client's heartbeat: nothing to write
+        if not packet:  # a heartbeat from a client not served yet (or noise): nothing to write
+            return False
+        why = packet_mismatch(packet, len(packet), self.tap)
+        if why or self.peer and now - self.heard_at < UDP_SILENCE:
+            self.drop(sender, why or "it sent a packet, but %s is being served" % self.address)
+            return False
+        log.warning("SERVER: serving %s%s", udp_address(sender), "" if self.peer is None else
+                    " (%s was silent for %d s)" % (self.address, now - self.heard_at))
+        self.peer, self.address, self.heard_at = sender, udp_address(sender), now
+        return True
+
+    def drop(self, sender, why):
+        """Count a datagram from someone else; name each sender once (up to MAX_STRANGERS of them)."""
+        key = sender if sender in self.strangers or len(self.strangers) < MAX_STRANGERS else "others"
+        if not self.strangers[key] and key != "others":
+            log.warning("SERVER: dropping datagrams from %s: %s (counted, not logged again)",
+                        udp_address(sender), why)
+        self.strangers[key] += 1
+
+    def beat(self):
+        """Client: an empty datagram, "still here" (and if no server is there, ICMP says so)."""
+        self.sent_at = time.monotonic()
+        try:
+            self.sock.send(b"")
+        except ConnectionRefusedError:
+            self.say_unanswered()
+        except self.would_block:
+            pass
+
+    def say_unanswered(self):
+        """Client: the server's host answered a datagram with ICMP port unreachable. Say so once."""
+        if not self.unanswered:
+            self.unanswered = True
+            log.warning("CLIENT: nothing answers at %s port %d (ICMP port unreachable): is the server "
+                        "running, with --udp? The client goes on, and its packets are lost until it is",
+                        self.address, self.peer[1])
+
+    def close(self):
+        """Say how many datagrams were dropped, then close."""
+        if self.strangers:
+            log.warning("SERVER: dropped %d datagram(s) from %d other sender(s)%s", sum(self.strangers.values()),
+                        len(self.strangers) - ("others" in self.strangers),
+                        " and more" if "others" in self.strangers else "")
+        super().close()
+
+
+class Heartbeat(selectors.DefaultSelector):
+    """The --udp client's selector: waits as the loop asks, but beats every UDP_HEARTBEAT s."""
+
+    def __init__(self, link):
+        super().__init__()
+        self.link = link
+
+    def select(self, timeout=None):
+        due = self.link.sent_at + UDP_HEARTBEAT - time.monotonic()
+        if due <= 0:
+            self.link.beat()
+            due = UDP_HEARTBEAT
+        return super().select(due if timeout is None else min(due, timeout))
+
+
+def udp_address(address):
+    """A UDP sender as a person writes it: address and port."""
+    return "%s port %d" % (plain_address(address[0]), address[1])
+
+
+def udp_socket(args):
+    """--udp: the server's socket, bound to the port; or the client's, connected to the server (so
+    the kernel hands it only the server's datagrams, and ICMP errors)."""
+    try:
+        if args.client:
+            family, _, _, _, address = socket.getaddrinfo(args.client, args.port, type=socket.SOCK_DGRAM)[0]
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.connect(address)
+            log.info("CLIENT: Connected to server %s (UDP: this socket only knows where to send)", args.client)
+        else:
+            dual = not args.bind and socket.has_dualstack_ipv6()
+            sock = socket.socket(socket.AF_INET6 if dual or ":" in (args.bind or "") else socket.AF_INET,
+                                 socket.SOCK_DGRAM)
+            if dual:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((args.bind or "", args.port))
+            log.info("SERVER: listening on UDP port %d", args.port)
+    except OSError as err:  # socket.gaierror too
+        raise UserError("cannot use UDP port %d%s: %s" % (args.port, " on " + args.client if args.client else "",
+                                                           err.strerror or err)) from None
+    sock.setblocking(False)
+    peer = sock.getpeername() if args.client else None
+    return DatagramLink(sock, args.client or "", args.tap, peer)
+
+
+# ---- 8. The whole tunnel on one machine: demo(), Timeline, ping(), the lossy cable, the bench ---
 #      Two network namespaces stand in for two hosts, a veth pair for the cable between them;
 #      each end is this program, run with --timestamps so that one timeline shows both.
 
@@ -1664,7 +1830,8 @@ def demo(args):
     ns = {side: "%s%d-%s" % (DEMO_PREFIX, os.getpid(), side[0]) for side in ("server", "client")}
     level = 0 if args.bench else args.debug or 2
     options = ["-i", device] + (["-" + "d" * level] if level else []) + (["-a"] if args.tap else []) + \
-        (["--tls", os.path.abspath(args.tls)] if args.tls else []) + (["--offload"] if args.offload else [])
+        (["--tls", os.path.abspath(args.tls)] if args.tls else []) + (["--offload"] if args.offload else []) + \
+        (["--udp"] if args.udp else [])
     ends = {"server": options + ["-s", "--addr", DEMO_TUNNEL["server"]],
             "client": options + ["-c", DEMO_UNDERLAY["server"].split("/")[0],
                                  "--addr", DEMO_TUNNEL["client"]]}
@@ -1703,7 +1870,7 @@ def demo(args):
         if args.bench:
             bench(ns, timeline, mode)
         if args.keep:
-            timeline.say(keep_instructions(ns, target))
+            timeline.say(keep_instructions(ns, target, "udp" if args.udp else "tcp"))
             timeline.pump()  # until Ctrl-C or SIGTERM
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: clean up all the same, and say so
         interrupted = True
@@ -1711,7 +1878,7 @@ def demo(args):
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave things behind
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if method and "client" in running:
+        if method and "client" in running and not args.udp:
             timeline.say("the tunnel's own TCP connection retransmitted %s segment(s) from the client, %s "
                          "from the "
                          "server (ss -ti)" % (outer_retransmissions(ns["client"], "( dport = :%d )" % PORT),
@@ -1753,14 +1920,15 @@ def build_demo_hosts(ns):
         ip_command("-n", name, "link", "set", "lo", "up")
 
 
-def keep_instructions(ns, target):
+def keep_instructions(ns, target, transport):
     """--keep: commands to paste into another terminal (as root) to explore the two hosts."""
     c, s = ns["client"], ns["server"]
     commands = (("%s bash" % c, "a shell on the client host"),
                 ("%s ping %s" % (c, target), "ping through the tunnel"),
-                ("%s tcpdump -ni veth0 -X tcp port %d" % (s, PORT), "the frames inside TCP, on the cable"),
+                ("%s tcpdump -ni veth0 -X %s port %d" % (s, transport, PORT),
+                 "the frames inside TCP, on the cable" if transport == "tcp" else "the datagrams, on the cable"),
                 ("%s ip route" % c, "the route into the tunnel"),
-                ("%s ss -ti" % c, "the tunnel's TCP connection"))
+                ("%s ss -%si" % (c, transport[0]), "the tunnel's TCP connection" if transport == "tcp" else "its UDP socket"))
     width = max(len(command) for command, _ in commands)
     return "the tunnel stays up until Ctrl-C; its lines keep coming here. In another terminal, as root:\n" + \
         "\n".join("  ip netns exec %-*s   %s" % (width, command, what) for command, what in commands)
@@ -1854,7 +2022,7 @@ def bench_ping(address, count):
     print(json.dumps(None if None in times else sum(times) / len(times) * 1000))
 
 
-# ---- 8. The full command line: parse_args(), full_main() -----------------------------------
+# ---- 9. The full command line: parse_args(), full_main() -----------------------------------
 #      The tunnel's own parser (make_parser) with the extras' flags added, and the tunnel's
 #      run() and serve()/run_client() called with the extras in their seams.
 
@@ -1906,6 +2074,9 @@ def parse_args(argv=None):
                         help="with --tls: the peer's certificate, the only one accepted "
                              "(default: the certificate in the --tls FILE)")
     parser.add_argument("--bind", metavar="ADDR", help="server: listen on this address only (default: all)")
+    parser.add_argument("--udp", action="store_true",
+                        help="carry each packet as one UDP datagram (no TCP over TCP); both ends need it, "
+                             "and a C simpletun peer has no such mode")
     parser.add_argument("--offload", action="store_true",
                         help="let the kernel hand over 64 KiB super-packets (TSO/GSO): several times the "
                              "throughput; both ends need it, and a C simpletun peer cannot take it")
@@ -1927,11 +2098,15 @@ def parse_args(argv=None):
     if args.tap and args.mtu and args.mtu > MAX_TAP_MTU:
         parser.error("a tap device takes an MTU of at most %d (the Ethernet header must fit in 65535)"
                      % MAX_TAP_MTU)
+    if args.udp and (args.tls or args.offload):
+        parser.error("--udp cannot go with --tls (the standard library has no DTLS, TLS for datagrams)"
+                     if args.tls else "--udp cannot go with --offload (its 64 KiB super-packets do not fit "
+                     "in a datagram)")
     if args.tls_peer and not args.tls:
         parser.error("--tls-peer needs --tls FILE (this end's certificate and key)")
     if args.demo:
         if args.iface or args.server or args.client or args.addr or args.tls_peer or args.bind or args.mtu:
-            parser.error("--demo sets up both ends itself: it takes only -a, -d, --tls, --offload, "
+            parser.error("--demo sets up both ends itself: it takes only -a, -d, --tls, --offload, --udp, "
                          "--keep, --loss, --delay and --bench")
         return args
     for flag in ("keep", "loss", "delay", "bench"):
@@ -1979,8 +2154,13 @@ def extended_end(args):
     try:
         set_offload(tunnel.fd, args.offload)
         log.debug("Successfully connected to interface %s", tunnel.name)
-        if args.addr or args.mtu:
-            configure_device(tunnel.name, args.addr, args.mtu)
+        if args.addr or args.mtu:  # --udp: an MTU whose packets fit one datagram on a 1500-byte cable
+            udp_mtu = UDP_MTU - (ETHERNET.size if args.tap else 0) if args.udp and args.addr else None
+            configure_device(tunnel.name, args.addr, args.mtu or udp_mtu)
+        if args.udp:
+            link = udp_socket(args)
+            with contextlib.closing(link), Heartbeat(link) if args.client else selectors.DefaultSelector() as selector:
+                return 0 if relay_until_closed(tunnel, link, "CLIENT" if args.client else "SERVER", selector) else 1
         if args.client:
             return run_client(tunnel, args.client, args.port,
                               lambda sock, host: client_link(sock, host, args, tls))

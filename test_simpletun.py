@@ -235,7 +235,8 @@ def test_describe_never_raises_on_random_bytes():
 
 def program_args(**kw):
     """The options the full program's pieces read, as parse_args() would give them."""
-    args = dict(debug=0, tap=False, offload=False, timestamps=False, iface="tun9", port=0, bind="127.0.0.1")
+    args = dict(debug=0, tap=False, offload=False, udp=False, timestamps=False, iface="tun9", port=0,
+                bind="127.0.0.1")
     args.update(kw)
     return argparse.Namespace(**args)
 
@@ -1353,6 +1354,8 @@ def test_peer_certificate_file_without_a_certificate_is_one_line(certs, tmp_path
 @pytest.mark.parametrize("args, reason", [
     (["-i", "tun0", "-s", "--tls-peer", "x.pem"], "--tls-peer needs --tls FILE"),
     (["-i", "tun0", "-c", "h", "--bind", "127.0.0.1"], "--bind is for the server (-s)"),
+    (["-i", "tun0", "-s", "--udp", "--tls", "x.pem"], "--udp cannot go with --tls (the standard library has no DTLS"),
+    (["-i", "tun0", "-s", "--udp", "--offload"], "--udp cannot go with --offload (its 64 KiB super-packets"),
 ])
 def test_security_flags_usage_errors(args, reason):
     result = run_script(*args)
@@ -1802,13 +1805,15 @@ print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
 """
 
 
-def tcp_crosses(lab, size=4 << 20):
-    """Send `size` random bytes by TCP from the client host to the server's tunnel address: True if
-    every byte arrived intact."""
-    sink = lab.spawn("s", [sys.executable, "-c", TCP_SINK, lab.TUNNEL_IP["s"]], "sink-%d.log" % len(lab.procs))
+def tcp_crosses(lab, size=4 << 20, sender="c"):
+    """Send `size` random bytes by TCP from one host (the client's) to the other's tunnel address: True
+    if every byte arrived intact."""
+    receiver = "s" if sender == "c" else "c"
+    sink = lab.spawn(receiver, [sys.executable, "-c", TCP_SINK, lab.TUNNEL_IP[receiver]],
+                     "sink-%d.log" % len(lab.procs))
     wait_for(lambda: "listening" in log_of(sink), "the TCP sink")
-    source = subprocess.run(["ip", "netns", "exec", lab.ns["c"], sys.executable, "-c", TCP_SOURCE,
-                             lab.TUNNEL_IP["s"], str(size)], capture_output=True, text=True, timeout=60)
+    source = subprocess.run(["ip", "netns", "exec", lab.ns[sender], sys.executable, "-c", TCP_SOURCE,
+                             lab.TUNNEL_IP[receiver], str(size)], capture_output=True, text=True, timeout=60)
     sink.wait(TIMEOUT)
     return source.returncode == 0 and source.stdout.split() == log_of(sink).split()[1:]
 
@@ -2288,3 +2293,198 @@ def test_memory_stays_bounded_after_2000_peers_admitted_and_gone(lab, mode):
     assert server.poll() is None, text
     assert text.count("the peer closed the connection") == 2000  # each one was served, then left
     assert rss_peak_kib(server) < 32 * 1024
+
+
+# ---- --udp: one packet per datagram -------------------------------------------------------
+
+@contextlib.contextmanager
+def udp_ends(tap=False):
+    """A --udp server's link on loopback, a stand-in device for it, and a client's socket."""
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.setblocking(False)
+    device.setblocking(False)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(server.getsockname())
+    kernel.settimeout(TIMEOUT)
+    client.settimeout(TIMEOUT)
+    link = simpletun.DatagramLink(server, "", tap)
+    try:
+        yield Tunnel(device.fileno(), "tun9"), link, kernel, client
+    finally:
+        for sock in (device, kernel, server, client):
+            sock.close()
+
+
+def until_received(tunnel, link):
+    """net2tap() once the next datagram has come to the server's socket."""
+    select.select([link.sock], [], [], TIMEOUT)
+    simpletun.net2tap(tunnel, link)
+
+
+def test_udp_each_packet_travels_as_one_datagram_without_a_length_both_ways():
+    with udp_ends() as (tunnel, link, kernel, client):
+        client.send(UDP_PACKET)
+        until_received(tunnel, link)
+        assert kernel.recv(65536) == UDP_PACKET  # the datagram, written as one packet
+        assert link.peer == client.getsockname()  # the server learnt its client
+        kernel.send(ECHO_REQUEST)
+        simpletun.tap2net(tunnel, link)
+        assert client.recv(65536) == ECHO_REQUEST  # nothing in front: a datagram keeps its own length
+        for _ in range(3):
+            client.send(UDP_PACKET)
+        time.sleep(0.1)
+        simpletun.net2tap(tunnel, link)  # many datagrams in one receive, each its own packet
+        assert [kernel.recv(65536) for _ in range(3)] == [UDP_PACKET] * 3
+
+
+def test_udp_server_drops_strangers_naming_each_once_and_takes_a_new_client_after_its_silence(caplog):
+    caplog.set_level("DEBUG", logger="simpletun")
+    with udp_ends() as (tunnel, link, kernel, client), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as noise:
+        client.send(UDP_PACKET)
+        until_received(tunnel, link)
+        for _ in range(5):
+            stranger.sendto(ECHO_REQUEST, link.sock.getsockname())  # a plausible packet, from elsewhere
+            noise.sendto(b"GET / HTTP/1.1\r\n\r\n", link.sock.getsockname())
+            noise.sendto(b"", link.sock.getsockname())  # empty: nothing to write, nothing to say
+        time.sleep(0.1)
+        simpletun.net2tap(tunnel, link)
+        assert kernel.recv(65536) == UDP_PACKET and not select.select([kernel], [], [], 0.1)[0]
+        kernel.send(ECHO_REQUEST)
+        simpletun.tap2net(tunnel, link)
+        assert client.recv(65536) == ECHO_REQUEST  # the client still has the slot
+        dropping = [m for m in caplog.messages if "dropping datagrams" in m]
+        assert len(dropping) == 2, caplog.messages  # one line per stranger, not per datagram
+        assert "but 127.0.0.1 port %d is being served" % client.getsockname()[1] in dropping[0]
+        assert any("is not an IP packet" in m for m in dropping)
+        link.heard_at -= simpletun.UDP_SILENCE  # the client has gone quiet
+        stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
+        until_received(tunnel, link)
+        assert kernel.recv(65536) == ECHO_REQUEST and link.peer[1] == stranger.getsockname()[1]
+        assert "was silent for 3 s" in caplog.messages[-1]
+        link.close()
+        assert "dropped 10 datagram(s) from 2 other sender(s)" in caplog.messages[-1]
+
+
+def test_udp_strangers_beyond_the_bound_are_only_counted(caplog, monkeypatch):
+    monkeypatch.setattr(simpletun, "MAX_STRANGERS", 3)
+    with udp_ends() as (tunnel, link, kernel, client):
+        client.send(UDP_PACKET)
+        until_received(tunnel, link)
+        for _ in range(6):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+                stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
+        time.sleep(0.1)
+        simpletun.net2tap(tunnel, link)
+        assert len(link.strangers) == 4 and link.strangers["others"] == 3  # memory stays bounded
+        assert len([m for m in caplog.messages if "dropping datagrams" in m]) == 3
+
+
+def test_udp_client_says_once_when_nothing_answers_and_goes_on(caplog):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        gone = closed.getsockname()
+    args = program_args(client="127.0.0.1", port=gone[1], udp=True)
+    link = simpletun.udp_socket(args)  # says hello: ICMP port unreachable comes back
+    with link.sock:
+        for _ in range(3):
+            select.select([link.sock], [], [], TIMEOUT)
+            assert link.receive() is None
+            link.out += frame(UDP_PACKET)
+            link.send_queued()
+        said = [m for m in caplog.messages if "nothing answers" in m]
+        assert said == ["CLIENT: nothing answers at 127.0.0.1 port %d (ICMP port unreachable): is the server "
+                        "running, with --udp? The client goes on, and its packets are lost until it is"
+                        % gone[1]]
+        assert not link.out
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("device, mode", [("tun0", []), ("tap0", ["-a"])])
+def test_udp_tunnel_carries_pings_and_transfers_both_ways_and_takes_back_a_restarted_client(lab, device, mode):
+    server, client = start_pair(lab, device, "--udp", *mode)
+    lab.echo("s"), lab.echo("c")
+    assert tunnel_passes(lab, "c") and tunnel_passes(lab, "s")
+    assert lab.probe("c", count=10) == 10 and lab.probe("s", count=10) == 10
+    assert tcp_crosses(lab, 1 << 20, "c") and tcp_crosses(lab, 1 << 20, "s")
+    assert "(one datagram" not in log_of(client)  # -d: the original's lines only
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(TIMEOUT) == 0
+    lab.tunnel("c", "-i", device, "--udp", *mode)  # a new client: a new source port
+    lab.configure("c", device)
+    assert tunnel_passes(lab, "c")  # once the old client has been silent for UDP_SILENCE s
+    assert re.search(r"SERVER: serving 192.0.2.2 port \d+ \(192.0.2.2 port \d+ was silent for [3-9] s\)",
+                     log_of(server))
+
+
+UDP_FLOOD = """
+import os, socket, struct, sys, time
+host, started = sys.argv[1], time.monotonic()
+plausible = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, bytes(4), bytes(4)) + bytes(8)
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(50)]  # 50 strangers
+for i in range(20000):
+    what = (plausible, os.urandom(1400), b"", os.urandom(60000))[i % 4]
+    try:
+        socks[i % 50].sendto(what, (host, 55555))
+    except OSError:  # a full socket buffer
+        time.sleep(0.001)
+print("flooded for %.1f s" % (time.monotonic() - started), flush=True)
+"""
+
+
+@pytest.mark.netns
+def test_udp_strangers_flood_is_counted_and_the_client_keeps_crossing(lab):
+    server, client = start_pair(lab, "tun0", "--udp")
+    lab.echo("s")
+    assert tunnel_passes(lab)
+    flood = lab.spawn("c", [sys.executable, "-c", UDP_FLOOD, lab.SERVER_IP], "flood.log")
+    assert lab.probe("c", count=10) >= 8  # while the flood lasts (the cable is shared)
+    assert flood.wait(60) == 0, log_of(flood)
+    assert lab.probe("c", count=10) == 10
+    assert server.poll() is None and rss_peak_kib(server) < 32 * 1024
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(TIMEOUT) == 0
+    text = log_of(server)
+    assert 1 <= text.count("dropping datagrams from") <= 50  # one line per stranger, not per datagram
+    assert re.search(r"SERVER: dropped \d+ datagram\(s\) from \d+ other sender\(s\)", text), text[-2000:]
+    assert "Traceback" not in text and "unexpected error" not in text
+
+
+@pytest.mark.netns
+def test_udp_and_tcp_ends_that_do_not_match_say_so_within_5_s(lab):
+    server = lab.tunnel("s", "-i", "tun0", "-d")  # TCP
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    client = lab.tunnel("c", "-i", "tun0", "--udp")
+    wait_for(lambda: "nothing answers at 192.0.2.1 port 55555 (ICMP port unreachable): is the server running, "
+                     "with --udp?" in log_of(client), "the --udp client to say so", timeout=5)
+    assert client.poll() is None  # it goes on: a server may come
+    server.send_signal(signal.SIGTERM)
+    server.wait(TIMEOUT)
+    client.send_signal(signal.SIGTERM)
+    client.wait(TIMEOUT)
+    server = lab.tunnel("s", "-i", "tun0", "--udp", "-d")
+    wait_for(lambda: "listening on UDP" in log_of(server), "the --udp server to listen")
+    client = lab.tunnel("c", "-i", "tun0")  # TCP
+    assert client.wait(5) == 1
+    assert "cannot connect to 192.0.2.1 port 55555: Connection refused" in log_of(client)
+
+
+def test_udp_client_that_sends_nothing_says_still_here_every_second():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.settimeout(TIMEOUT)
+        link = simpletun.udp_socket(program_args(client="127.0.0.1", port=server.getsockname()[1], udp=True))
+        with link.sock, simpletun.Heartbeat(link) as selector:
+            selector.register(link.sock, selectors.EVENT_READ)
+            started = time.monotonic()
+            assert selector.select() == []  # nothing came: it waited one heartbeat at most
+            assert server.recvfrom(100)[0] == b""  # the first beat went out at once
+            selector.select()
+            assert server.recvfrom(100)[0] == b"" and time.monotonic() - started >= simpletun.UDP_HEARTBEAT
+            link.out += frame(UDP_PACKET)
+            link.send_queued()  # a packet sent counts as a beat
+            assert server.recvfrom(100)[0] == UDP_PACKET and selector.select(0.5) == []
+            assert select.select([server], [], [], 0)[0] == []
