@@ -444,10 +444,6 @@ UNSERVED = ("the server closed the connection without sending a packet: it serve
             "its log says which")
 
 
-class PeerMismatch(LinkEnded):
-    """The peer runs with other options than this end (--offload, -u/-a): say which, end cleanly."""
-
-
 def keep_alive(sock):
     """Tune a TCP connection as the tunnel does, and let keepalive notice a vanished peer."""
     for option in KEEPALIVE:
@@ -483,7 +479,7 @@ class ExtraLink(Link):
         if count and not self.heard:
             self.heard = True
             if self.header is HEADER and bytes(self.view[:len(GREETING_FRAME)]) == GREETING_FRAME:
-                raise PeerMismatch("the peer runs with --offload, this end without: start both ends with "
+                raise LinkEnded("the peer runs with --offload, this end without: start both ends with "
                                    "--offload, or neither")
         if count and self.debug > 1:
             log_receive(self, count)
@@ -530,6 +526,31 @@ class ExtraLink(Link):
             pass
         finally:
             self.sock.close()
+
+
+class TwoWritesLink(ExtraLink):
+    """--two-writes: send as the C original does, to see what it costs: Nagle's algorithm on, and
+    each frame in two blocking sends, its length, then its packet. The 2-byte send goes at once;
+    Nagle holds the packet until that is acknowledged, and the peer delays its ACK (up to 40 ms)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+
+    def send_queued(self):
+        """Send each queued frame in two sends, as the original's two write() calls."""
+        self.sock.setblocking(True)
+        try:
+            with memoryview(self.out) as out:
+                start = 0
+                while start < len(out):
+                    end = start + self.header.size + self.header.unpack_from(out, start)[0]
+                    self.sock.sendall(out[start:start + self.header.size])
+                    self.sock.sendall(out[start + self.header.size:end])
+                    start = end
+            del self.out[:]
+        finally:
+            self.sock.setblocking(False)
 
 
 # ---- 2. TLS (--tls): tls_context(), secure_client(), tls_goodbye() --------------------------
@@ -652,16 +673,14 @@ def secure_client(sock, tls):
     sock.settimeout(HANDSHAKE_TIMEOUT)
     try:
         sock.do_handshake()
+        why = None if pinned(sock, tls) else "the server's certificate is not the pinned one (--tls-peer)"
     except socket.timeout:
-        sock.close()
-        raise UserError("CLIENT: no TLS handshake within %d s: does the server run with --tls?"
-                        % HANDSHAKE_TIMEOUT) from None
+        why = "no TLS handshake within %d s: does the server run with --tls?" % HANDSHAKE_TIMEOUT
     except OSError as err:  # ssl.SSLError included
+        why = explain_tls(err)
+    if why:
         sock.close()
-        raise UserError("CLIENT: %s" % explain_tls(err)) from None
-    if not pinned(sock, tls):
-        sock.close()
-        raise UserError("CLIENT: the server's certificate is not the pinned one (--tls-peer)")
+        raise UserError("CLIENT: " + why)
     sock.setblocking(False)
     log.debug("CLIENT: %s with the pinned server, %s", sock.version(), sock.cipher()[0])
     return sock
@@ -676,30 +695,19 @@ def tls_goodbye(sock):
 
 
 # ---- 3. Who gets the server's one client slot: WaitingRoom ----------------------------------
-#      The room is the selector serve() uses (its next_client and selector seams). It accepts
-#      every connection at once, even while a client is served, and keeps it with a deadline
-#      until it proves it is a tunnel end:
-#        --tls       a completed handshake with the pinned certificate (handshakes run side by
-#                    side, non-blocking); the newest proven connection takes the slot, even from
-#                    a client that is still there: a restarted client is back at once.
-#        plaintext   a first frame that is a plausible packet for the mode; an empty frame, noise,
-#                    a TLS handshake or a port scanner is not. The client being served keeps the
-#                    slot; a newcomer that proves itself meanwhile is turned away at once, and one
-#                    that stays silent after PROOF_TIMEOUT s.
-#        --offload   the peer's greeting (section 6), after the handshake with --tls.
-#      When the room is full the longest waiting newcomer is reset: a flood cannot keep a real
-#      client out. Nothing a newcomer does (reset, close, garbage) costs more than its connection,
-#      and under a flood the refusals are counted, not printed one by one.
+#      serve()'s selector and next_client. Every connection is accepted at once, even while a
+#      client is served, and waits with a deadline until it proves it is a tunnel end: --tls by a
+#      handshake with the pinned certificate (the newest proven takes the slot: a restarted client
+#      is back at once); plaintext by a first frame that is a plausible packet for the mode (the
+#      client served keeps the slot); --offload by its greeting (section 6). A full room resets
+#      its longest waiting newcomer, so a flood cannot keep a real client out; nothing a newcomer
+#      does costs more than its connection; under a flood, refusals are counted, not printed.
 
 MAX_NEWCOMERS = 32  # connections waiting to prove themselves at once; the oldest leaves for a new one
 MAX_CLOSING = 64  # connections we are saying goodbye to at once
 PROOF_TIMEOUT = 5  # seconds a plaintext newcomer may stay silent while another client is served
 PROOF_BYTES = {"tun": 6, "tap": 14}  # how much of a first packet tells whether it is one (see below)
 REPORT_EVERY = 10  # seconds: refusals of a kind after the first are summed up this often
-
-
-class LinkReplaced(LinkEnded):
-    """A server's client gives its place to a newer one that proved itself (--tls)."""
 
 
 class Newcomer:
@@ -725,6 +733,7 @@ class WaitingRoom(selectors.DefaultSelector):
         super().__init__()
         self.listener, self.tunnel, self.tls = listener, tunnel, tls
         self.tap, self.offload, self.debug = args.tap, args.offload, args.debug
+        self.link_class = TwoWritesLink if args.two_writes else ExtraLink
         self.newcomers = {}  # socket -> Newcomer
         self.closing = {}  # socket -> deadline
         self.active = None  # the Link being served
@@ -882,7 +891,7 @@ class WaitingRoom(selectors.DefaultSelector):
             return self.say_goodbye(newcomer.sock, "orderly")
         if self.proven:  # --tls: the newer of two proven in one wake-up takes the slot
             self.say_goodbye(self.proven.sock, "orderly")
-        link = ExtraLink(newcomer.sock, newcomer.address, OFFLOAD_HEADER if self.offload else HEADER,
+        link = self.link_class(newcomer.sock, newcomer.address, OFFLOAD_HEADER if self.offload else HEADER,
                          OFFLOAD_RECV_SIZE if self.offload else RECV_SIZE, self.debug, heard=True)
         if newcomer.head and not self.offload:  # the start of its first frame: cut with the rest of it
             link.kept = len(newcomer.head)
@@ -893,7 +902,7 @@ class WaitingRoom(selectors.DefaultSelector):
         log.info("SERVER: Client connected from %s%s", newcomer.address,
                  " (%s, pinned certificate)" % newcomer.sock.version() if self.tls else "")
         if self.active:
-            raise LinkReplaced("%s proved itself with the pinned certificate: it replaces %s "
+            raise LinkEnded("%s proved itself with the pinned certificate: it replaces %s "
                                "(the newest authenticated client wins)"
                                % (newcomer.address, self.active.address))
 
@@ -1016,50 +1025,38 @@ def looks_like_ip(packet, length):
     return False
 
 
-# ---- 4. Setting up the device (--addr, --mtu): configure_device() ---------------------------
-#      What ifconfig does, so that two ends can talk without an ip command.
+# ---- 4. Setting up the device (--addr, --mtu): configure_device(), ip_command() --------------
+#      The ip commands a user would type after starting each end, typed for them.
 
-# linux/sockios.h: the requests ifconfig makes to set up an interface, on any AF_INET socket.
-# Each passes a struct ifreq: the interface name, then the one field the request reads or writes.
-SIOCGIFFLAGS = 0x8913  # read the interface flags (ifr_flags)
-SIOCSIFFLAGS = 0x8914  # write them: we add IFF_UP
-SIOCSIFADDR = 0x8916  # set the IPv4 address (ifr_addr, a struct sockaddr_in)
-SIOCSIFNETMASK = 0x891C  # set the IPv4 netmask (ifr_netmask, also a struct sockaddr_in)
-SIOCSIFMTU = 0x8922  # set the MTU (ifr_mtu, an int)
-IFF_UP = 0x1  # the interface flag "up" (linux/if.h) -- not IFF_TUN, a tun flag with the same value
-IFREQ_ADDRESS = struct.Struct("16sH2x4s16x")  # name; sockaddr_in: family, port (unused), address
-IFREQ_MTU = struct.Struct("16si20x")
 # IPv4's smallest MTU; the largest a tun device takes, and a tap device (its MTU leaves room
 # for the 14-byte Ethernet header within 65535: drivers/net/tun.c sets max_mtu so)
 MIN_MTU, MAX_MTU, MAX_TAP_MTU = 68, 65535, 65535 - 14
 
 
 def configure_device(name, interface=None, mtu=None):
-    """What ifconfig does: set the MTU, the IPv4 address and netmask, and bring the device up.
-
-    `interface` is an ipaddress.IPv4Interface (address and prefix) or None; without it the
-    device keeps its addresses and up/down state, and only the MTU changes if one is given.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-
-        def request(code, ifreq, what):
-            try:
-                return fcntl.ioctl(sock, code, ifreq)
-            except OSError as err:
-                raise UserError("cannot set the %s of %s: %s" % (what, name, err.strerror)) from None
-
-        ifname = name.encode()
-        if mtu:
-            request(SIOCSIFMTU, IFREQ_MTU.pack(ifname, mtu), "MTU %d" % mtu)
-        if interface:
-            request(SIOCSIFADDR, IFREQ_ADDRESS.pack(ifname, socket.AF_INET, interface.ip.packed),
-                    "address %s" % interface.ip)
-            request(SIOCSIFNETMASK, IFREQ_ADDRESS.pack(ifname, socket.AF_INET, interface.netmask.packed),
-                    "netmask %s" % interface.netmask)
-            _, flags = IFREQ_FLAGS.unpack(request(SIOCGIFFLAGS, IFREQ_FLAGS.pack(ifname, 0), "flags"))
-            request(SIOCSIFFLAGS, IFREQ_FLAGS.pack(ifname, flags | IFF_UP), "flags")
-    done = (["MTU %d" % mtu] if mtu else []) + (["address %s" % interface, "up"] if interface else [])
+    """Set the device's MTU, give it an IPv4 address and prefix (an ipaddress.IPv4Interface) and
+    bring it up. Without an address the device keeps its addresses and its up/down state."""
+    done = []
+    if mtu:
+        ip_command("link", "set", name, "mtu", str(mtu))
+        done.append("MTU %d" % mtu)
+    if interface:
+        ip_command("addr", "replace", str(interface), "dev", name)
+        ip_command("link", "set", name, "up")
+        done += ["address %s" % interface, "up"]
     log.debug("Configured %s: %s", name, ", ".join(done))
+
+
+def ip_command(*args):
+    """Run `ip ARGS...` (iproute2); a failure is a UserError carrying ip's own message."""
+    try:
+        result = subprocess.run(("ip",) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True)
+    except FileNotFoundError:
+        raise UserError("this needs the ip command from iproute2 (apt install iproute2)") from None
+    if result.returncode != 0:
+        raise UserError("ip %s: %s" % (" ".join(args), result.stderr.strip()))
+    return result.stdout
 
 
 # ---- 5. What a line is about (-dd, -ddd) and when it happened (the demo): Lines -------------
@@ -1209,12 +1206,8 @@ def describe_ethernet(frame):
         inner = describe_ip(payload)
     else:
         inner = "EtherType 0x%04x (%d bytes)" % (ethertype, len(frame))
-    if destination == b"\xff" * 6:
-        kind = " broadcast"
-    elif destination[0] & 1:  # the group bit: IPv4/IPv6 multicast, e.g. 33:33:.. for IPv6
-        kind = " multicast"
-    else:
-        kind = ""
+    # the group bit of the first byte: broadcast (all ones), or multicast (e.g. 33:33:.. for IPv6)
+    kind = "" if not destination[0] & 1 else " broadcast" if destination == b"\xff" * 6 else " multicast"
     return "%s (Ethernet %s > %s%s)" % (inner, mac_text(source), mac_text(destination), kind)
 
 
@@ -1354,24 +1347,22 @@ def set_offload(fd, enabled):
 
 def greet_server(link):
     """Client, --offload: greet, then read the server's greeting (the original's read_n) within 5 s."""
-    link.sock.sendall(GREETING_FRAME)  # 15 bytes into an empty socket buffer: never blocks
-    expected, head = GREETING_FRAME, b""
-    deadline = time.monotonic() + GREETING_TIMEOUT
-    while len(head) < len(expected):
-        left = deadline - time.monotonic()
-        if left <= 0 or not (select.select([link.sock], [], [], left)[0] or link.tls and link.sock.pending()):
-            raise PeerMismatch("no --offload greeting from the server within %d s: it runs without --offload "
-                               "(or is the C simpletun)" % GREETING_TIMEOUT)
-        try:
-            data = link.sock.recv(len(expected) - len(head))
-        except WOULD_BLOCK:
-            continue
-        if not data:
-            raise PeerMismatch("the server closed the connection instead of greeting: it runs without "
-                               "--offload (its log says so)")
-        head += data
-        if not expected.startswith(head):
-            raise PeerMismatch("the server runs without --offload: its first frame is not the greeting")
+    sock, head = link.sock, b""
+    sock.settimeout(GREETING_TIMEOUT)  # (for each receive: the greeting comes in one piece)
+    try:
+        sock.sendall(GREETING_FRAME)
+        while len(head) < len(GREETING_FRAME):
+            data = sock.recv(len(GREETING_FRAME) - len(head))
+            if not data:
+                raise LinkEnded("the server closed the connection instead of greeting: it runs without "
+                                   "--offload (its log says so)")
+            head += data
+            if not GREETING_FRAME.startswith(head):
+                raise LinkEnded("the server runs without --offload: its first frame is not the greeting")
+    except socket.timeout:
+        raise LinkEnded("no --offload greeting from the server within %d s: it runs without --offload "
+                           "(or is the C simpletun)" % GREETING_TIMEOUT) from None
+    sock.setblocking(False)
     log.debug("CLIENT: the server runs --offload too: frames carry a 4-byte length from here on")
 
 
@@ -1379,44 +1370,24 @@ def describe_offloaded(packet, tap):
     """-dd with --offload: the packet behind the virtio header, and how the kernel will cut it."""
     if len(packet) < VIRTIO_NET_HDR.size:
         return "virtio header truncated (%d bytes)" % len(packet)
-    _, gso_type, _, gso_size, _, _ = VIRTIO_NET_HDR.unpack_from(packet)
+    _, gso_type, _, gso_size, csum_start, _ = VIRTIO_NET_HDR.unpack_from(packet)
     inner = packet[VIRTIO_NET_HDR.size:]
     text = describe_ethernet(inner) if tap else describe_ip(inner)
     kind = GSO_KINDS.get(gso_type & ~GSO_ECN)
-    if not kind or not gso_size:
+    if not kind or not gso_size or len(inner) < csum_start + 13:
         return text
-    payload = len(inner) - headers_size(inner, tap)
+    # csum_start: where the TCP or UDP header begins; the payload follows it (TCP says its header's size)
+    payload = len(inner) - csum_start - ((inner[csum_start + 12] >> 4) * 4 if kind.startswith("TCP") else 8)
     return "%s; %s: %d segments of %d" % (text, kind, -(-payload // gso_size), gso_size)
 
 
-def headers_size(packet, tap):
-    """Bytes of Ethernet, IP and TCP/UDP headers at the start of a packet (0 if it cannot tell)."""
-    start = ETHERNET.size if tap else 0
-    ip = packet[start:]
-    if len(ip) < 20:
-        return 0
-    if ip[0] >> 4 == 4:
-        size, protocol = (ip[0] & 0x0F) * 4, ip[9]
-    elif ip[0] >> 4 == 6 and len(ip) >= IPV6.size:
-        size, protocol = IPV6.size, ip[6]
-    else:
-        return 0
-    if protocol == TCP and len(ip) >= size + 13:
-        return start + size + (ip[size + 12] >> 4) * 4
-    return start + size + (8 if protocol == UDP else 0)
-
-
 # ---- 7. One packet per datagram (--udp): DatagramLink, udp_socket() --------------------------
-#      A Link the same loop drives (relay() as it is): send_queued() sends each queued frame's packet
-#      as one datagram -- the length goes no further, a datagram keeps its own -- and receive() puts
-#      a length in front of each datagram it takes, so that cut() hands it over as one packet. No
-#      connection, no stream, so no TCP over TCP: a datagram lost on the cable is lost, and the
-#      connections inside the tunnel repair it themselves. Nor does anything say who the peer is:
-#      the server serves the address of the first datagram that is a plausible packet for the mode
-#      (the waiting room's test), drops everyone else's, and lets another address take the place
-#      only once its client has been silent UDP_SILENCE s (a restarted client gets a new port). So
-#      that an idle client is not taken for gone, its selector (Heartbeat) sends an empty datagram
-#      whenever it has sent nothing for UDP_HEARTBEAT s.
+#      A Link that relay() drives as it is: each queued packet goes as one datagram (a datagram
+#      keeps its own length), and each datagram received gets a length in front, for cut(). No
+#      stream, so no TCP over TCP: a lost datagram is repaired, if at all, by the connections inside.
+#      No connection either: the server serves the sender of the first plausible packet (the
+#      waiting room's test), drops everyone else's, and lets another sender in only once its client
+#      has been silent UDP_SILENCE s; an idle client's selector (Heartbeat) says "still here".
 
 UDP_SILENCE = 3  # seconds a server's client must be silent before another address may take its place
 UDP_HEARTBEAT = 1  # seconds a client may send nothing before it says "still here"
@@ -1425,20 +1396,23 @@ UDP_MTU = 1500 - 40 - 8  # the device MTU whose packets fit one datagram on a 15
 
 
 class DatagramLink(Link):
-    """A Link over UDP: each packet one datagram. The server's (peer None) learns its client."""
+    """A Link over UDP: each packet one datagram. A server's (peer None) learns its client."""
 
     def __init__(self, sock, address, tap, peer=None):
         super().__init__(sock, address)
-        self.tap, self.peer, self.server = tap, peer, peer is None
+        self.tap, self.peer = tap, peer
         self.heard_at = self.sent_at = 0  # when the peer last sent a datagram; when we last did
-        self.unanswered = False  # the server's host said "nothing here" (ICMP port unreachable)
-        self.strangers = collections.Counter()  # datagrams dropped, by sender
+        self.told = False  # "nothing answers" (client) or "no client yet" (server) was said
+        self.strangers, self.dropped = set(), 0  # senders named (at most MAX_STRANGERS); datagrams
 
     def send_queued(self):
-        """Send each queued packet as one datagram, without its length."""
-        start = 0
+        """Send each queued packet as one datagram, without its length (no peer yet: drop them)."""
+        if self.peer is None and not self.told:
+            self.told = True
+            log.warning("SERVER: no client yet: what the device hands over is dropped until one sends")
+        start = 0 if self.peer else len(self.out)
         with memoryview(self.out) as out:
-            while start < len(out) and self.peer:
+            while start < len(out):
                 (length,) = HEADER.unpack_from(out, start)
                 try:
                     self.sock.sendto(out[start + HEADER.size:start + HEADER.size + length], self.peer)
@@ -1448,10 +1422,7 @@ class DatagramLink(Link):
                     self.say_unanswered()
                 start += HEADER.size + length
                 self.sent_at = time.monotonic()
-        if self.peer is None and self.out and not self.unanswered:
-            self.unanswered = True  # (a server's flag: it has said this)
-            log.warning("SERVER: no client yet: what the device hands over is dropped until one sends")
-        del self.out[:start if self.peer else len(self.out)]
+        del self.out[:start]
 
     def receive(self):
         """Take the datagrams waiting, each behind a 2-byte length for cut(); None if none is for us."""
@@ -1476,26 +1447,22 @@ class DatagramLink(Link):
         plausible packet while it has none, or its client has been silent UDP_SILENCE s."""
         now = time.monotonic()
         if sender == self.peer:
-            self.heard_at, self.unanswered = now, False
+            self.heard_at, self.told = now, False
             return len(packet) > 0  # an empty one is a client's heartbeat: nothing to write
         if not packet:  # a heartbeat from a client not served yet (or noise): nothing to write
             return False
         why = packet_mismatch(packet, len(packet), self.tap)
         if why or self.peer and now - self.heard_at < UDP_SILENCE:
-            self.drop(sender, why or "it sent a packet, but %s is being served" % self.address)
+            self.dropped += 1
+            if sender not in self.strangers and len(self.strangers) < MAX_STRANGERS:
+                self.strangers.add(sender)
+                log.warning("SERVER: dropping datagrams from %s: %s (counted, not logged again)", udp_address(sender),
+                            why or "it sent a packet, but %s is being served" % self.address)
             return False
         log.warning("SERVER: serving %s%s", udp_address(sender), "" if self.peer is None else
                     " (%s was silent for %d s)" % (self.address, now - self.heard_at))
         self.peer, self.address, self.heard_at = sender, udp_address(sender), now
         return True
-
-    def drop(self, sender, why):
-        """Count a datagram from someone else; name each sender once (up to MAX_STRANGERS of them)."""
-        key = sender if sender in self.strangers or len(self.strangers) < MAX_STRANGERS else "others"
-        if not self.strangers[key] and key != "others":
-            log.warning("SERVER: dropping datagrams from %s: %s (counted, not logged again)",
-                        udp_address(sender), why)
-        self.strangers[key] += 1
 
     def beat(self):
         """Client: an empty datagram, "still here" (and if no server is there, ICMP says so)."""
@@ -1508,19 +1475,18 @@ class DatagramLink(Link):
             pass
 
     def say_unanswered(self):
-        """Client: the server's host answered a datagram with ICMP port unreachable. Say so once."""
-        if not self.unanswered:
-            self.unanswered = True
+        """Client: the server's host answered with ICMP port unreachable. Say so once per silence."""
+        if not self.told:
+            self.told = True
             log.warning("CLIENT: nothing answers at %s port %d (ICMP port unreachable): is the server "
                         "running, with --udp? The client goes on, and its packets are lost until it is",
                         self.address, self.peer[1])
 
     def close(self):
         """Say how many datagrams were dropped, then close."""
-        if self.strangers:
-            log.warning("SERVER: dropped %d datagram(s) from %d other sender(s)%s", sum(self.strangers.values()),
-                        len(self.strangers) - ("others" in self.strangers),
-                        " and more" if "others" in self.strangers else "")
+        if self.dropped:
+            log.warning("SERVER: dropped %d datagram(s) from %d%s other sender(s)", self.dropped,
+                        len(self.strangers), " or more" if len(self.strangers) == MAX_STRANGERS else "")
         super().close()
 
 
@@ -1576,18 +1542,15 @@ def udp_socket(args):
 DEMO_PREFIX = "simpletun-demo-"  # namespaces are named DEMO_PREFIX + our pid + "-s" / "-c"
 DEMO_UNDERLAY = {"server": "192.0.2.1/24", "client": "192.0.2.2/24"}  # the "physical" network
 DEMO_TUNNEL = {"server": "10.0.0.1/24", "client": "10.0.0.2/24"}  # the private network
+DEMO_LAN = {"server": "10.1.0.1/24", "lan": "10.1.0.2/24"}  # --lan: a network behind the server
 DEMO_PINGS = 3
 DEMO_WAIT = 10  # seconds for each end to come up, and to go
 BENCH_PORT, BENCH_SECONDS, BENCH_PINGS = 5201, 3, 20
 ICMP_ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 class Timeline:
-    """The demo's one output: every process's lines, merged in the order they happened.
-
-    Each end stamps a line when the event happens (a TAP2NET before the send, a NET2TAP after
-    the receive), so ordering by stamp puts a packet's sending before its arrival. Lines wait
-    HOLD seconds for an earlier line still in another process's pipe, then print one by one.
-    """
+    """The demo's one output: every process's lines, merged in the order they happened (each end
+    stamps its lines: stamped()). A line waits HOLD s for earlier ones still in another's pipe."""
 
     HOLD = 0.3
 
@@ -1663,39 +1626,24 @@ class Timeline:
         self.emit(float("inf"))
 
 
-def internet_checksum(data):
-    """The ones' complement sum of 16-bit words that IP, ICMP, TCP and UDP use (RFC 1071)."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=None):
-    """Send ICMP echo requests to `address`; return the round trip times (None: no reply).
-
-    What the ping command does, with a raw socket (root only): the demo cannot count on
-    ping being installed. `say` prints a line per request and per reply.
-    """
-    identifier = os.getpid() & 0xFFFF
+    """Send ICMP echo requests to `address`; return the round trip times (None: no reply); `say`
+    prints a line for each. What the ping command does (the demo cannot count on it being installed),
+    with the kernel's ping socket: it fills in the checksum, and hands over our replies only."""
+    with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+        f.write("0 0")  # this namespace lets root's group use ping sockets
     times = []
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP) as sock:
         for sequence in range(1, count + 1):
-            payload = b"simpletun.py demo, echo request %d" % sequence
-            header = ICMP_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, identifier, sequence)
-            checksum = internet_checksum(header + payload)
             if say:
                 say("echo request to %s: icmp_seq=%d" % (address, sequence))
             sent = time.monotonic()
-            sock.sendto(ICMP_ECHO.pack(ICMP_ECHO_REQUEST, 0, checksum, identifier, sequence) + payload,
-                        (address, 0))
+            sock.sendto(ICMP_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, 0, sequence) +
+                        b"simpletun.py demo, echo request %d" % sequence, (address, 0))
             times.append(None)
             while select.select([sock], [], [], max(0, sent + timeout - time.monotonic()))[0]:
-                reply = sock.recv(65535)  # a raw socket hands us the IP header too
-                kind, _, _, their_id, their_sequence = ICMP_ECHO.unpack_from(reply, (reply[0] & 0x0F) * 4)
-                if (kind, their_id, their_sequence) == (ICMP_ECHO_REPLY, identifier, sequence):
+                kind, _, _, _, their_sequence = ICMP_ECHO.unpack_from(sock.recv(65535))
+                if (kind, their_sequence) == (ICMP_ECHO_REPLY, sequence):
                     times[-1] = time.monotonic() - sent
                     if say:
                         say("reply from %s: icmp_seq=%d time=%.2f ms" % (address, sequence, times[-1] * 1000))
@@ -1718,15 +1666,6 @@ def demo_ping(address, count=DEMO_PINGS):
         print(stamped("ping: %s" % (err.strerror or err)), flush=True)
         return 1
     return 0 if all(t is not None for t in times) else 1
-
-
-def ip_command(*args):
-    """Run `ip ARGS...` (iproute2); a failure is a UserError carrying ip's own message."""
-    result = subprocess.run(("ip",) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            universal_newlines=True)
-    if result.returncode != 0:
-        raise UserError("ip %s: %s" % (" ".join(args), result.stderr.strip()))
-    return result.stdout
 
 
 def in_namespace(namespace, *command):
@@ -1818,6 +1757,12 @@ def start_in(namespace, command):
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
+def calling(call):
+    """The command that runs simpletun.CALL in a process of its own, e.g. in a demo namespace."""
+    return [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import simpletun; sys.exit(simpletun.%s)"
+            % (os.path.dirname(os.path.abspath(__file__)), call)]
+
+
 def demo(args):
     """--demo: build two hosts, run a server and a client, ping through the tunnel, clean up."""
     if os.geteuid() != 0:
@@ -1827,23 +1772,26 @@ def demo(args):
     method = lossy_cable_method(args.loss, args.delay) if args.loss or args.delay else None
     remove_stale_demos()
     mode, device = ("tap", "tap0") if args.tap else ("tun", "tun0")
-    ns = {side: "%s%d-%s" % (DEMO_PREFIX, os.getpid(), side[0]) for side in ("server", "client")}
-    level = 0 if args.bench else args.debug or 2
+    sides = ("server", "client", "lan") if args.lan else ("server", "client")
+    ns = {side: "%s%d-%s" % (DEMO_PREFIX, os.getpid(), side[0]) for side in sides}
+    level = 0 if args.bench else args.debug or (0 if args.keep else 2)  # kept: quiet unless asked
     options = ["-i", device] + (["-" + "d" * level] if level else []) + (["-a"] if args.tap else []) + \
         (["--tls", os.path.abspath(args.tls)] if args.tls else []) + (["--offload"] if args.offload else []) + \
-        (["--udp"] if args.udp else [])
+        (["--udp"] if args.udp else []) + (["--two-writes"] if args.two_writes else [])
     ends = {"server": options + ["-s", "--addr", DEMO_TUNNEL["server"]],
-            "client": options + ["-c", DEMO_UNDERLAY["server"].split("/")[0],
-                                 "--addr", DEMO_TUNNEL["client"]]}
-    target = DEMO_TUNNEL["server"].split("/")[0]
+            "client": options + ["-c", address(DEMO_UNDERLAY["server"]), "--addr", DEMO_TUNNEL["client"]]}
+    target = address(DEMO_LAN["lan"] if args.lan else DEMO_TUNNEL["server"])
     timeline = Timeline()
-    timeline.say("two hosts, each a network namespace, joined by a veth pair (the \"physical\" network):\n"
-                 "  server %s  veth0 %s  %s %s\n  client %s  veth0 %s  %s %s\n"
-                 "a %s tunnel joins %s and %s%s"
-                 % (ns["server"], DEMO_UNDERLAY["server"], device, DEMO_TUNNEL["server"],
-                    ns["client"], DEMO_UNDERLAY["client"], device, DEMO_TUNNEL["client"], mode,
-                    DEMO_TUNNEL["server"], DEMO_TUNNEL["client"],
-                    "" if args.bench else "; the client pings %s through it" % target))
+    hosts = ["  %s %s  veth0 %s  %s %s" % (side, ns[side], DEMO_UNDERLAY[side], device, DEMO_TUNNEL[side])
+             for side in ("server", "client")]
+    if args.lan:
+        hosts.append("  lan    %s  lan0 %s, on a LAN behind the server (its lan0 %s), which forwards"
+                     % (ns["lan"], DEMO_LAN["lan"], DEMO_LAN["server"]))
+    timeline.say("%s, each a network namespace, joined by %s (the \"physical\" network):\n%s\n"
+                 "a %s tunnel joins %s and %s%s" % ("three hosts" if args.lan else "two hosts",
+                                                   "veth pairs" if args.lan else "a veth pair", "\n".join(hosts), mode,
+                                                   DEMO_TUNNEL["server"], DEMO_TUNNEL["client"], "" if args.bench
+                                                   else "; the client pings %s through it" % target))
     running, crossed, interrupted = {}, False, False
     script = [sys.executable, os.path.abspath(__file__), "--timestamps"]
     try:
@@ -1859,10 +1807,11 @@ def demo(args):
             started = lambda: timeline.saw(side, ready) or running[side].poll() is not None  # noqa: E731
             if not timeline.pump(started, DEMO_WAIT) or running[side].poll() is not None:
                 raise UserError("the demo's %s did not come up: see its lines above" % side)
-        pinger = start_in(ns["client"], [sys.executable, "-c",
-                                         "import sys; sys.path.insert(0, %r); import simpletun; "
-                                         "sys.exit(simpletun.demo_ping(%r))"
-                                         % (os.path.dirname(os.path.abspath(__file__)), target)])
+        if args.lan:  # the client's route to the LAN: into the tunnel, to the server, which forwards
+            route = (network(DEMO_LAN["lan"]), "via", address(DEMO_TUNNEL["server"]))
+            ip_command("-n", ns["client"], "route", "add", *route)
+            timeline.say("client: ip route add %s %s %s" % route)
+        pinger = start_in(ns["client"], calling("demo_ping(%r)" % target))
         timeline.follow("ping", pinger)
         running["ping"] = pinger
         timeline.pump(lambda: pinger.poll() is not None)
@@ -1895,7 +1844,7 @@ def demo(args):
         for name in ns.values():
             if name in ip_command("netns", "list"):
                 remove_namespace(name)
-        timeline.say("removed both namespaces and everything in them")
+        timeline.say("removed %s and everything in them" % ("all three namespaces" if args.lan else "both namespaces"))
         timeline.flush()
     if interrupted and not args.keep:
         return 1
@@ -1909,15 +1858,32 @@ def demo(args):
 
 
 def build_demo_hosts(ns):
-    """Two namespaces, a veth pair between them, addressed and up."""
+    """Two namespaces, a veth pair between them, addressed and up; with --lan, a third one behind
+    the server, on a veth pair of its own, with the server as its way out (forwarding on)."""
     for name in ns.values():
         ip_command("netns", "add", name)
-    ip_command("-n", ns["server"], "link", "add", "veth0", "type", "veth",
-               "peer", "name", "veth0", "netns", ns["client"])
-    for side, name in ns.items():
-        ip_command("-n", name, "addr", "add", DEMO_UNDERLAY[side], "dev", "veth0")
-        ip_command("-n", name, "link", "set", "veth0", "up")
         ip_command("-n", name, "link", "set", "lo", "up")
+    for ifname, here, there, addresses in (("veth0", "server", "client", DEMO_UNDERLAY),
+                                           ("lan0", "server", "lan", DEMO_LAN)):
+        if there in ns:
+            ip_command("-n", ns[here], "link", "add", ifname, "type", "veth", "peer", "name", ifname,
+                       "netns", ns[there])
+            for side in (here, there):
+                ip_command("-n", ns[side], "addr", "add", addresses[side], "dev", ifname)
+                ip_command("-n", ns[side], "link", "set", ifname, "up")
+    if "lan" in ns:
+        ip_command("-n", ns["lan"], "route", "add", "default", "via", address(DEMO_LAN["server"]))
+        in_namespace(ns["server"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+def address(cidr):
+    """The address in an address/prefix: 10.0.0.1 in 10.0.0.1/24."""
+    return cidr.split("/")[0]
+
+
+def network(cidr):
+    """The network of an address/prefix: 10.0.0.0/24 for 10.0.0.1/24."""
+    return str(ipaddress.ip_interface(cidr).network)
 
 
 def keep_instructions(ns, target, transport):
@@ -1928,6 +1894,7 @@ def keep_instructions(ns, target, transport):
                 ("%s tcpdump -ni veth0 -X %s port %d" % (s, transport, PORT),
                  "the frames inside TCP, on the cable" if transport == "tcp" else "the datagrams, on the cable"),
                 ("%s ip route" % c, "the route into the tunnel"),
+                *((("%s tcpdump -ni lan0" % ns["lan"], "what the LAN host sees"),) if "lan" in ns else ()),
                 ("%s ss -%si" % (c, transport[0]), "the tunnel's TCP connection" if transport == "tcp" else "its UDP socket"))
     width = max(len(command) for command, _ in commands)
     return "the tunnel stays up until Ctrl-C; its lines keep coming here. In another terminal, as root:\n" + \
@@ -1936,26 +1903,19 @@ def keep_instructions(ns, target, transport):
 
 def bench(ns, timeline, mode):
     """--bench: TCP throughput and ping round trips over the bare cable and through the tunnel."""
-    here = os.path.dirname(os.path.abspath(__file__))
-
     def run(namespace, call):
-        result = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c",
-                                 "import sys; sys.path.insert(0, %r); import simpletun; simpletun.%s"
-                                 % (here, call)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                                timeout=BENCH_SECONDS * 10)
+        result = subprocess.run(["ip", "netns", "exec", namespace] + calling(call), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=BENCH_SECONDS * 10)
         if result.returncode:
             why = (result.stderr.strip().splitlines() or ["?"])[-1]
             timeline.say("bench: %s failed: %s" % (call.split("(")[0], why))
             return None
         return json.loads(result.stdout)
 
-    addresses = {side: {"underlay": DEMO_UNDERLAY[side].split("/")[0],
-                        "tunnel": DEMO_TUNNEL[side].split("/")[0]}
-                 for side in ns}
-    sink = start_in(ns["server"], [sys.executable, "-c",
-                                   "import sys; sys.path.insert(0, %r); import simpletun; "
-                                   "simpletun.bench_sink(%d)" % (here, BENCH_PORT)])
+    addresses = {side: {"underlay": address(DEMO_UNDERLAY[side]), "tunnel": address(DEMO_TUNNEL[side])}
+                 for side in ("server", "client")}
+    sink = start_in(ns["server"], calling("bench_sink(%d)" % BENCH_PORT))
+    sink.stdout.readline()
     try:
         timeline.say("bench: TCP client -> server for %d s over the cable, then through the tunnel; "
                      "%d pings each way" % (BENCH_SECONDS, BENCH_PINGS))
@@ -1982,6 +1942,7 @@ def bench(ns, timeline, mode):
 def bench_sink(port):
     """--bench, in the server host: count the bytes of each connection, answer with the count."""
     with socket.create_server(("", port)) as listener:
+        print("listening", flush=True)  # bench() waits for this line
         while True:
             sock, _ = listener.accept()
             with sock:
@@ -1997,16 +1958,7 @@ def bench_sink(port):
 def bench_send(host, port, seconds):
     """--bench, in the client host: send as fast as TCP takes it for `seconds`; print Mbit/s as JSON."""
     chunk = bytes(1 << 18)
-    deadline = time.monotonic() + DEMO_WAIT
-    while True:  # the receiver in the other host may still be starting
-        try:
-            sock = socket.create_connection((host, port), timeout=10)
-            break
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    with sock:
+    with socket.create_connection((host, port), timeout=10) as sock:
         start = time.monotonic()
         while time.monotonic() - start < seconds:
             sock.sendall(chunk)
@@ -2077,6 +2029,9 @@ def parse_args(argv=None):
     parser.add_argument("--udp", action="store_true",
                         help="carry each packet as one UDP datagram (no TCP over TCP); both ends need it, "
                              "and a C simpletun peer has no such mode")
+    parser.add_argument("--two-writes", action="store_true",
+                        help="send as the C original does: the length and the packet in two sends, Nagle on "
+                             "(to see its 40 ms stall; still wire-compatible)")
     parser.add_argument("--offload", action="store_true",
                         help="let the kernel hand over 64 KiB super-packets (TSO/GSO): several times the "
                              "throughput; both ends need it, and a C simpletun peer cannot take it")
@@ -2085,7 +2040,10 @@ def parse_args(argv=None):
                       help="show the whole tunnel on this machine: two network namespaces, a server, "
                            "a client and pings through the tunnel, then clean up (root; with -a: tap; "
                            "-d/-ddd, --tls FILE, --offload are passed on to both ends)")
-    demo.add_argument("--keep", action="store_true", help="keep the demo's hosts and tunnel up until Ctrl-C")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's hosts and tunnel up until Ctrl-C "
+                      "(quiet unless -d/-dd is given)")
+    demo.add_argument("--lan", action="store_true", help="add a third host on a LAN behind the server, and "
+                      "ping it from the client through the tunnel")
     demo.add_argument("--loss", metavar="PCT", type=number_between(0, 100, "a percentage", float), default=0,
                       help="the demo's cable loses PCT %% of packets each way")
     demo.add_argument("--delay", metavar="MS", default=0, type=number_between(0, 1e4, "a delay in ms", float),
@@ -2098,18 +2056,18 @@ def parse_args(argv=None):
     if args.tap and args.mtu and args.mtu > MAX_TAP_MTU:
         parser.error("a tap device takes an MTU of at most %d (the Ethernet header must fit in 65535)"
                      % MAX_TAP_MTU)
-    if args.udp and (args.tls or args.offload):
+    if args.udp and (args.tls or args.offload or args.two_writes):
         parser.error("--udp cannot go with --tls (the standard library has no DTLS, TLS for datagrams)"
                      if args.tls else "--udp cannot go with --offload (its 64 KiB super-packets do not fit "
-                     "in a datagram)")
+                     "in a datagram)" if args.offload else "--two-writes is about TCP: --udp has no length to send")
     if args.tls_peer and not args.tls:
         parser.error("--tls-peer needs --tls FILE (this end's certificate and key)")
     if args.demo:
         if args.iface or args.server or args.client or args.addr or args.tls_peer or args.bind or args.mtu:
             parser.error("--demo sets up both ends itself: it takes only -a, -d, --tls, --offload, --udp, "
-                         "--keep, --loss, --delay and --bench")
+                         "--two-writes, --lan, --keep, --loss, --delay and --bench")
         return args
-    for flag in ("keep", "loss", "delay", "bench"):
+    for flag in ("keep", "lan", "loss", "delay", "bench"):
         if getattr(args, flag):
             parser.error("--%s is for the demo (--demo --%s)" % (flag, flag))
     if args.iface is None:
@@ -2126,12 +2084,13 @@ def client_link(sock, host, args, tls):
     keep_alive(sock)
     if tls:
         sock = secure_client(sock, tls)
-    link = ExtraLink(sock, host, OFFLOAD_HEADER if args.offload else HEADER,
-                     OFFLOAD_RECV_SIZE if args.offload else RECV_SIZE, args.debug)
+    kind = TwoWritesLink if args.two_writes else ExtraLink
+    link = kind(sock, host, OFFLOAD_HEADER if args.offload else HEADER,
+                OFFLOAD_RECV_SIZE if args.offload else RECV_SIZE, args.debug)
     try:
         if args.offload:
             greet_server(link)
-    except (PeerMismatch, OSError) as err:
+    except (LinkEnded, OSError) as err:
         link.sock.close()  # not a peer of this kind: no goodbye to wait for
         raise UserError("CLIENT: %s" % err) from None
     return link

@@ -235,7 +235,7 @@ def test_describe_never_raises_on_random_bytes():
 
 def program_args(**kw):
     """The options the full program's pieces read, as parse_args() would give them."""
-    args = dict(debug=0, tap=False, offload=False, udp=False, timestamps=False, iface="tun9", port=0,
+    args = dict(debug=0, tap=False, offload=False, udp=False, two_writes=False, timestamps=False, iface="tun9", port=0,
                 bind="127.0.0.1")
     args.update(kw)
     return argparse.Namespace(**args)
@@ -2065,7 +2065,7 @@ class LineReader:
 
 @pytest.mark.netns
 def test_demo_keep_stays_up_streams_the_timeline_and_cleans_up_on_sigterm(clean_demo):
-    demo = subprocess.Popen([sys.executable, "-u", SCRIPT, "--demo", "--keep"], stdout=subprocess.PIPE,
+    demo = subprocess.Popen([sys.executable, "-u", SCRIPT, "--demo", "--keep", "-dd"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out = LineReader(demo)
@@ -2379,7 +2379,7 @@ def test_udp_strangers_beyond_the_bound_are_only_counted(caplog, monkeypatch):
                 stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
         time.sleep(0.1)
         simpletun.net2tap(tunnel, link)
-        assert len(link.strangers) == 4 and link.strangers["others"] == 3  # memory stays bounded
+        assert len(link.strangers) == 3 and link.dropped == 6  # memory stays bounded; every datagram counted
         assert len([m for m in caplog.messages if "dropping datagrams" in m]) == 3
 
 
@@ -2488,3 +2488,57 @@ def test_udp_client_that_sends_nothing_says_still_here_every_second():
             link.send_queued()  # a packet sent counts as a beat
             assert server.recvfrom(100)[0] == UDP_PACKET and selector.select(0.5) == []
             assert select.select([server], [], [], 0)[0] == []
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("mode", [[], ["-a"]])
+def test_demo_lan_pings_a_host_behind_the_server_through_the_tunnel(clean_demo, mode):
+    result = run_script("--demo", "--lan", *mode, timeout=60)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "demo  | client: ip route add 10.1.0.0/24 via 10.0.0.1" in out
+    assert "the client pings 10.1.0.2 through it" in out
+    for side, direction, what in (("client", "TAP2NET", "10.0.0.2 > 10.1.0.2 ICMP echo-request"),
+                                  ("server", "NET2TAP", "10.0.0.2 > 10.1.0.2 ICMP echo-request"),
+                                  ("server", "TAP2NET", "10.1.0.2 > 10.0.0.2 ICMP echo-reply")):
+        assert re.search(r"^ *[\d.]+ %s *\| %s \d+: IPv4 %s" % (side, direction, what), out, re.M), what
+    assert "reply from 10.1.0.2: icmp_seq=%d" % simpletun.DEMO_PINGS in out
+    assert "removed all three namespaces" in out and demo_namespaces() == []
+
+
+@pytest.mark.netns
+def test_demo_two_writes_shows_the_receiver_getting_the_length_alone(clean_demo):
+    result = run_script("--demo", "--two-writes", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The length went at once; Nagle held the packet until the length was acknowledged.
+    assert re.search(r"server\| NET2TAP: a receive brought 2 bytes from TCP: 0 whole frame\(s\); 2 of the next "
+                     r"frame's 63 bytes wait", result.stdout), result.stdout
+    assert "server| NET2TAP: a receive brought 61 bytes from TCP (after 2 held from before)" in result.stdout
+
+
+@pytest.mark.netns
+def test_demo_udp_crosses_in_datagrams(clean_demo):
+    result = run_script("--demo", "--udp", timeout=60)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "Configured tun0: MTU 1452, address 10.0.0.1/24, up" in out
+    assert "SERVER: listening on UDP port 55555" in out and "SERVER: serving 192.0.2.2 port " in out
+    assert "Written 61 bytes to the network (one datagram: no length in front" in out
+    assert "receive brought" not in out  # no stream, nothing to cut
+
+
+@pytest.mark.netns
+def test_demo_kept_without_d_is_quiet(clean_demo):
+    demo = subprocess.Popen([sys.executable, "-u", SCRIPT, "--demo", "--keep"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = LineReader(demo)
+        out.wait_for("the tunnel stays up until Ctrl-C")
+        out.wait_for("reply from 10.0.0.1: icmp_seq=%d" % simpletun.DEMO_PINGS)
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        status = demo.wait(TIMEOUT * 3)
+    assert status == 0, out.text()
+    assert "CLIENT: Connected to server 192.0.2.1" in out.text()
+    assert not re.search(r"(TAP2NET|NET2TAP) \d+:", out.text())  # no line per packet
+    assert demo_namespaces() == []
