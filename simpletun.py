@@ -1404,6 +1404,7 @@ class DatagramLink(Link):
         self.heard_at = self.sent_at = 0  # when the peer last sent a datagram; when we last did
         self.told = False  # "nothing answers" (client) or "no client yet" (server) was said
         self.strangers, self.dropped = set(), 0  # senders named (at most MAX_STRANGERS); datagrams
+        self.unsent = 0  # packets this host would not send
 
     def send_queued(self):
         """Send each queued packet as one datagram, without its length (no peer yet: drop them)."""
@@ -1420,6 +1421,11 @@ class DatagramLink(Link):
                     break
                 except ConnectionRefusedError:  # the ICMP answer to an earlier datagram
                     self.say_unanswered()
+                except OSError as err:  # dropped on this host (a firewall: EPERM), or too big (EMSGSIZE)
+                    self.unsent += 1
+                    if self.unsent == 1:
+                        log.warning("a datagram to %s was not sent: %s; such packets are lost, and counted",
+                                    self.address, err.strerror)
                 start += HEADER.size + length
                 self.sent_at = time.monotonic()
         del self.out[:start]
@@ -1487,6 +1493,8 @@ class DatagramLink(Link):
         if self.dropped:
             log.warning("SERVER: dropped %d datagram(s) from %d%s other sender(s)", self.dropped,
                         len(self.strangers), " or more" if len(self.strangers) == MAX_STRANGERS else "")
+        if self.unsent:
+            log.warning("%d packet(s) could not be sent", self.unsent)
         super().close()
 
 
@@ -1725,6 +1733,9 @@ def make_cable_lossy(namespaces, method, loss, delay):
     """Make every packet sent on the demo's cable, each way, be lost with probability loss %
     (and delayed by delay ms, netem only)."""
     for namespace in namespaces:
+        # one packet on the cable, one segment: with GSO a "packet" may be a 64 KiB super-packet,
+        # and the cable would lose far fewer, far bigger ones than it says
+        ip_command("-n", namespace, "link", "set", "veth0", "gso_max_segs", "1")
         if method == "netem":
             in_namespace(namespace, "tc", "qdisc", "add", "dev", "veth0", "root", "netem",
                          *(["loss", "%g%%" % loss] if loss else []),
@@ -1797,7 +1808,7 @@ def demo(args):
     try:
         build_demo_hosts(ns)
         if method:
-            make_cable_lossy(ns.values(), method, args.loss, args.delay)
+            make_cable_lossy((ns["server"], ns["client"]), method, args.loss, args.delay)
             timeline.say("the cable loses %g %% of packets each way%s (%s)" % (
                 args.loss, ", delayed %g ms" % args.delay if args.delay else "", method))
         for side, ready in (("server", "SERVER: listening"), ("client", "CLIENT: Connected")):
@@ -1827,7 +1838,7 @@ def demo(args):
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave things behind
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if method and "client" in running and not args.udp:
+        if (method or args.keep) and "client" in running and not args.udp:
             timeline.say("the tunnel's own TCP connection retransmitted %s segment(s) from the client, %s "
                          "from the "
                          "server (ss -ti)" % (outer_retransmissions(ns["client"], "( dport = :%d )" % PORT),

@@ -2542,3 +2542,21 @@ def test_demo_kept_without_d_is_quiet(clean_demo):
     assert "CLIENT: Connected to server 192.0.2.1" in out.text()
     assert not re.search(r"(TAP2NET|NET2TAP) \d+:", out.text())  # no line per packet
     assert demo_namespaces() == []
+
+
+def test_udp_packet_this_host_will_not_send_is_one_line_counted_and_the_tunnel_goes_on(caplog):
+    with udp_ends() as (tunnel, link, kernel, client):
+        client.send(UDP_PACKET)
+        until_received(tunnel, link)
+        kernel.recv(65536)
+        for _ in range(2):
+            kernel.send(b"\x45" + bytes(65534))  # more than a UDP datagram can carry (65507 bytes)
+            simpletun.tap2net(tunnel, link)
+        kernel.send(ECHO_REQUEST)
+        simpletun.tap2net(tunnel, link)
+        assert client.recv(65536) == ECHO_REQUEST
+        assert [m for m in caplog.messages if "was not sent" in m] == [
+            "a datagram to 127.0.0.1 port %d was not sent: Message too long; such packets are lost, and counted"
+            % client.getsockname()[1]]
+        link.close()
+        assert caplog.messages[-1] == "2 packet(s) could not be sent"
