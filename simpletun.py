@@ -1477,7 +1477,7 @@ class DatagramLink(Link):
             self.sock.send(b"")
         except ConnectionRefusedError:
             self.say_unanswered()
-        except self.would_block:
+        except OSError:  # not sent (a full buffer, a firewall): the next one may be
             pass
 
     def say_unanswered(self):
@@ -1621,10 +1621,13 @@ class Timeline:
 
     def emit(self, before):
         """Print, in order, every line that happened before `before`: one write per line."""
-        while self.waiting and self.waiting[0][0] <= before:
-            stamp, _, label, text = heapq.heappop(self.waiting)
-            sys.stdout.write("%7.3f %-6s| %s\n" % (max(0.0, stamp - self.start), label, text))
-        sys.stdout.flush()
+        try:
+            while self.waiting and self.waiting[0][0] <= before:
+                stamp, _, label, text = heapq.heappop(self.waiting)
+                sys.stdout.write("%7.3f %-6s| %s\n" % (max(0.0, stamp - self.start), label, text))
+            sys.stdout.flush()
+        except BrokenPipeError:  # nobody reads us any more (| head): go on unheard, and clean up
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     def flush(self):
         """Print every line still waiting: the processes have ended."""
@@ -1730,8 +1733,9 @@ def lossy_cable_method(loss, delay):
 
 
 def make_cable_lossy(namespaces, method, loss, delay):
-    """Make every packet sent on the demo's cable, each way, be lost with probability loss %
-    (and delayed by delay ms, netem only)."""
+    """Make every packet on the demo's cable, each way, be lost with probability loss % (and delayed
+    by delay ms, netem only). nft and iptables drop it as it arrives: dropped as it leaves, the
+    sender would be told at once (EPERM), which a lossy cable never does."""
     for namespace in namespaces:
         # one packet on the cable, one segment: with GSO a "packet" may be a 64 KiB super-packet,
         # and the cable would lose far fewer, far bigger ones than it says
@@ -1742,12 +1746,11 @@ def make_cable_lossy(namespaces, method, loss, delay):
                          *(["delay", "%gms" % delay] if delay else []))
         elif method == "nft":  # numgen random: a random number per packet, 0..9999
             chance = "numgen random mod 10000 < %d " % round(loss * 100) if loss < 100 else ""
-            in_namespace(namespace, "nft", "add table inet simpletun_demo; add chain inet simpletun_demo out "
-                         "{ type filter hook output priority 0; policy accept; }; "
-                         "add rule inet simpletun_demo out "
-                         "oifname veth0 %scounter drop" % chance)
+            in_namespace(namespace, "nft", "add table inet simpletun_demo; add chain inet simpletun_demo in "
+                         "{ type filter hook input priority 0; policy accept; }; "
+                         "add rule inet simpletun_demo in iifname veth0 %scounter drop" % chance)
         else:
-            in_namespace(namespace, "iptables", "-A", "OUTPUT", "-o", "veth0", "-m", "statistic",
+            in_namespace(namespace, "iptables", "-A", "INPUT", "-i", "veth0", "-m", "statistic",
                          "--mode", "random", "--probability", "%g" % (loss / 100), "-j", "DROP")
 
 

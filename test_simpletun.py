@@ -2560,3 +2560,28 @@ def test_udp_packet_this_host_will_not_send_is_one_line_counted_and_the_tunnel_g
             % client.getsockname()[1]]
         link.close()
         assert caplog.messages[-1] == "2 packet(s) could not be sent"
+
+
+@pytest.mark.netns
+def test_udp_client_survives_a_server_restart_without_being_restarted(lab):
+    server, client = start_pair(lab, "tun0", "--udp")
+    lab.echo("s")
+    assert tunnel_passes(lab)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(TIMEOUT) == 0
+    assert lab.probe("c", count=2, wait=0.5) == 0  # nobody there now
+    wait_for(lambda: "nothing answers at 192.0.2.1 port 55555" in log_of(client), "the client to say so")
+    server = lab.tunnel("s", "-i", "tun0", "--udp", "-d")
+    lab.configure("s", "tun0")
+    lab.echo("s")
+    assert tunnel_passes(lab)  # the same client, not restarted
+    assert client.poll() is None and "SERVER: serving 192.0.2.2 port" in log_of(server)
+
+
+@pytest.mark.netns
+def test_demo_whose_reader_goes_away_still_cleans_up(clean_demo):
+    result = subprocess.run("%s %s --demo | head -3; exit ${PIPESTATUS[0]}" % (sys.executable, SCRIPT),
+                            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert len(result.stdout.splitlines()) == 3
+    assert result.returncode == 0 and "Error" not in result.stderr, result.stderr
+    assert demo_namespaces() == []
