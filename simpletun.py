@@ -419,8 +419,8 @@ __version__ = "2.0.0"
 #    1. ExtraLink: the full program's link (a subclass of Link)   2. TLS (--tls)
 #    3. the server's waiting room (WaitingRoom: the selector serve() uses)
 #    4. --addr/--mtu   5. what a line is about: -dd, -ddd, the demo's stamps (the Lines handler)
-#    6. --offload (the frame header and the read size)   7. the demo and the bench (--demo)
-#    8. the full command line (full_main)
+#    6. --offload (the frame header and the read size)   7. --udp (a Link of datagrams)
+#    8. the demo and the bench (--demo)   9. the full command line (full_main)
 
 
 # ---- 1. The full program's link: ExtraLink --------------------------------------------------
@@ -533,12 +533,9 @@ class TwoWritesLink(ExtraLink):
     each frame in two blocking sends, its length, then its packet. The 2-byte send goes at once;
     Nagle holds the packet until that is acknowledged, and the peer delays its ACK (up to 40 ms)."""
 
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-
     def send_queued(self):
         """Send each queued frame in two sends, as the original's two write() calls."""
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # (tune() set it)
         self.sock.setblocking(True)
         try:
             with memoryview(self.out) as out:
@@ -554,11 +551,9 @@ class TwoWritesLink(ExtraLink):
 
 
 # ---- 2. TLS (--tls): tls_context(), secure_client(), tls_goodbye() --------------------------
-#      Both ends hold a certificate and its key; each accepts exactly one certificate from the
-#      other (the same one, unless --tls-peer names another). No CA, no host names: holding the
-#      key is what makes a host a member of the private network. The client's handshake runs
-#      before the link is made (run_client's make_link); the server's run side by side in the
-#      waiting room (section 3).
+#      Each end holds a certificate and its key, and accepts exactly one certificate from the other
+#      (its own, unless --tls-peer names another): holding the key makes a host a member. The
+#      client's handshake runs in run_client's make_link; the server's in the waiting room (3).
 
 PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 HANDSHAKE_TIMEOUT = 5  # seconds for a TLS handshake (and, with --offload, the greeting after it)
@@ -1301,18 +1296,13 @@ def describe_transport(protocol, payload, icmp_types):
 
 
 # ---- 6. Segmentation offload (--offload): set_offload(), the greeting, describe_offloaded() ---
-#      Attaches through the tunnel's own parameters: tun_alloc's flags (IFF_VNET_HDR), the
-#      Tunnel's read size, and the Link's frame header and buffer size.
-#
-#      Per packet, each end pays a device read or write and the inner TCP stack's work, so the
-#      way to go faster is fewer, bigger packets. With IFF_VNET_HDR and TUNSETOFFLOAD the kernel
-#      hands a TCP stream to the device as "super-packets" of up to 64 KiB, each with a 10-byte
-#      virtio_net_hdr in front saying how to cut it into MTU-sized segments (and that its
-#      checksums are left unfinished). The peer writes header and super-packet unchanged; its
-#      kernel cuts it up, or delivers it whole. A read can be longer than the 2-byte length can
-#      state, so this mode frames with a 4-byte length: only two simpletun.py ends with --offload
-#      speak it. Each end's first frame, in the default format, is GREETING, so that a mismatch
-#      is named at once on both ends. The outer TCP checksum (and TLS) guards the bytes on the way.
+#      Attaches through tun_alloc's flags (IFF_VNET_HDR), the Tunnel's read size and the Link's
+#      frame header and buffer size. Each packet costs each end a device read or write and the
+#      inner TCP stack's work, so: fewer, bigger packets. The kernel hands a TCP stream to the
+#      device as super-packets of up to 64 KiB, each behind a 10-byte virtio_net_hdr saying how to
+#      cut it into segments (its checksums unfinished: the outer TCP checksum, or TLS, guards it);
+#      the peer writes both unchanged. A read can be longer than a 2-byte length states, so frames
+#      carry 4; each end's first frame, in the default format, is GREETING: a mismatch is named.
 
 IFF_VNET_HDR = 0x4000  # each read/write starts with a struct virtio_net_hdr
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int): which offloads the device may hand us
@@ -1393,6 +1383,8 @@ UDP_SILENCE = 3  # seconds a server's client must be silent before another addre
 UDP_HEARTBEAT = 1  # seconds a client may send nothing before it says "still here"
 MAX_STRANGERS = 1024  # addresses whose dropped datagrams are counted one by one (each is named once)
 UDP_MTU = 1500 - 40 - 8  # the device MTU whose packets fit one datagram on a 1500-byte cable (IPv6+UDP)
+UDP_BUFFER = 4 << 20  # bytes of socket buffer each way: a burst of datagrams waits there, not dropped
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h: past net.core.[wr]mem_max, as root
 
 
 class DatagramLink(Link):
@@ -1458,12 +1450,14 @@ class DatagramLink(Link):
         if not packet:  # a heartbeat from a client not served yet (or noise): nothing to write
             return False
         why = packet_mismatch(packet, len(packet), self.tap)
-        if why or self.peer and now - self.heard_at < UDP_SILENCE:
+        if not why and self.peer and now - self.heard_at < UDP_SILENCE:
+            why = "it sent a packet, but %s is being served" % self.address
+        if why:
             self.dropped += 1
             if sender not in self.strangers and len(self.strangers) < MAX_STRANGERS:
                 self.strangers.add(sender)
-                log.warning("SERVER: dropping datagrams from %s: %s (counted, not logged again)", udp_address(sender),
-                            why or "it sent a packet, but %s is being served" % self.address)
+                log.warning("SERVER: dropping datagrams from %s: %s (counted, not logged again)",
+                            udp_address(sender), why)
             return False
         log.warning("SERVER: serving %s%s", udp_address(sender), "" if self.peer is None else
                     " (%s was silent for %d s)" % (self.address, now - self.heard_at))
@@ -1526,7 +1520,7 @@ def udp_socket(args):
             family, _, _, _, address = socket.getaddrinfo(args.client, args.port, type=socket.SOCK_DGRAM)[0]
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.connect(address)
-            log.info("CLIENT: Connected to server %s (UDP: this socket only knows where to send)", args.client)
+            log.info("CLIENT: Connected to server %s (UDP: the socket only knows where to send)", args.client)
         else:
             dual = not args.bind and socket.has_dualstack_ipv6()
             sock = socket.socket(socket.AF_INET6 if dual or ":" in (args.bind or "") else socket.AF_INET,
@@ -1536,9 +1530,15 @@ def udp_socket(args):
             sock.bind((args.bind or "", args.port))
             log.info("SERVER: listening on UDP port %d", args.port)
     except OSError as err:  # socket.gaierror too
-        raise UserError("cannot use UDP port %d%s: %s" % (args.port, " on " + args.client if args.client else "",
-                                                           err.strerror or err)) from None
+        where = args.client or args.bind or "every address"
+        raise UserError("cannot use UDP port %d on %s: %s" % (args.port, where, err.strerror or err)) \
+            from None
     sock.setblocking(False)
+    for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER)
+        except PermissionError:  # not root: as much as net.core.[wr]mem_max allows
+            sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER)
     peer = sock.getpeername() if args.client else None
     return DatagramLink(sock, args.client or "", args.tap, peer)
 
@@ -1773,8 +1773,9 @@ def start_in(namespace, command):
 
 def calling(call):
     """The command that runs simpletun.CALL in a process of its own, e.g. in a demo namespace."""
-    return [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import simpletun; sys.exit(simpletun.%s)"
-            % (os.path.dirname(os.path.abspath(__file__)), call)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import simpletun; "
+            "sys.exit(simpletun.%s)" % (here, call)]
 
 
 def demo(args):
@@ -1790,22 +1791,23 @@ def demo(args):
     ns = {side: "%s%d-%s" % (DEMO_PREFIX, os.getpid(), side[0]) for side in sides}
     level = 0 if args.bench else args.debug or (0 if args.keep else 2)  # kept: quiet unless asked
     options = ["-i", device] + (["-" + "d" * level] if level else []) + (["-a"] if args.tap else []) + \
-        (["--tls", os.path.abspath(args.tls)] if args.tls else []) + (["--offload"] if args.offload else []) + \
-        (["--udp"] if args.udp else []) + (["--two-writes"] if args.two_writes else [])
+        (["--tls", os.path.abspath(args.tls)] if args.tls else []) + \
+        ["--" + flag.replace("_", "-") for flag in ("offload", "udp", "two_writes") if getattr(args, flag)]
     ends = {"server": options + ["-s", "--addr", DEMO_TUNNEL["server"]],
-            "client": options + ["-c", address(DEMO_UNDERLAY["server"]), "--addr", DEMO_TUNNEL["client"]]}
-    target = address(DEMO_LAN["lan"] if args.lan else DEMO_TUNNEL["server"])
+            "client": options + ["-c", host_of(DEMO_UNDERLAY["server"]), "--addr", DEMO_TUNNEL["client"]]}
+    target = host_of(DEMO_LAN["lan"] if args.lan else DEMO_TUNNEL["server"])
     timeline = Timeline()
     hosts = ["  %s %s  veth0 %s  %s %s" % (side, ns[side], DEMO_UNDERLAY[side], device, DEMO_TUNNEL[side])
              for side in ("server", "client")]
     if args.lan:
         hosts.append("  lan    %s  lan0 %s, on a LAN behind the server (its lan0 %s), which forwards"
                      % (ns["lan"], DEMO_LAN["lan"], DEMO_LAN["server"]))
-    timeline.say("%s, each a network namespace, joined by %s (the \"physical\" network):\n%s\n"
-                 "a %s tunnel joins %s and %s%s" % ("three hosts" if args.lan else "two hosts",
-                                                   "veth pairs" if args.lan else "a veth pair", "\n".join(hosts), mode,
-                                                   DEMO_TUNNEL["server"], DEMO_TUNNEL["client"], "" if args.bench
-                                                   else "; the client pings %s through it" % target))
+    timeline.say("%s hosts, each a network namespace, joined by %s (the \"physical\" network):"
+                 % (("three", "veth pairs") if args.lan else ("two", "a veth pair")))
+    timeline.say("\n".join(hosts))
+    pings = "" if args.bench else "; the client pings %s through it" % target
+    timeline.say("a %s tunnel joins %s and %s%s" % (mode, DEMO_TUNNEL["server"], DEMO_TUNNEL["client"],
+                                                     pings))
     running, crossed, interrupted = {}, False, False
     script = [sys.executable, os.path.abspath(__file__), "--timestamps"]
     try:
@@ -1822,7 +1824,7 @@ def demo(args):
             if not timeline.pump(started, DEMO_WAIT) or running[side].poll() is not None:
                 raise UserError("the demo's %s did not come up: see its lines above" % side)
         if args.lan:  # the client's route to the LAN: into the tunnel, to the server, which forwards
-            route = (network(DEMO_LAN["lan"]), "via", address(DEMO_TUNNEL["server"]))
+            route = (network_of(DEMO_LAN["lan"]), "via", host_of(DEMO_TUNNEL["server"]))
             ip_command("-n", ns["client"], "route", "add", *route)
             timeline.say("client: ip route add %s %s %s" % route)
         pinger = start_in(ns["client"], calling("demo_ping(%r)" % target))
@@ -1858,17 +1860,15 @@ def demo(args):
         for name in ns.values():
             if name in ip_command("netns", "list"):
                 remove_namespace(name)
-        timeline.say("removed %s and everything in them" % ("all three namespaces" if args.lan else "both namespaces"))
+        timeline.say("removed %s and everything in them" % ("all three namespaces" if args.lan else
+                                                             "both namespaces"))
         timeline.flush()
     if interrupted and not args.keep:
         return 1
-    if crossed:
-        timeline.say("all %d echo requests crossed the tunnel and their replies came back" % DEMO_PINGS)
-        timeline.flush()
-        return 0
-    timeline.say("FAILED: not every echo request came back through the tunnel")
+    timeline.say("all %d echo requests crossed the tunnel and their replies came back" % DEMO_PINGS if crossed
+                 else "FAILED: not every echo request came back through the tunnel")
     timeline.flush()
-    return 1
+    return 0 if crossed else 1
 
 
 def build_demo_hosts(ns):
@@ -1886,16 +1886,16 @@ def build_demo_hosts(ns):
                 ip_command("-n", ns[side], "addr", "add", addresses[side], "dev", ifname)
                 ip_command("-n", ns[side], "link", "set", ifname, "up")
     if "lan" in ns:
-        ip_command("-n", ns["lan"], "route", "add", "default", "via", address(DEMO_LAN["server"]))
+        ip_command("-n", ns["lan"], "route", "add", "default", "via", host_of(DEMO_LAN["server"]))
         in_namespace(ns["server"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
 
-def address(cidr):
+def host_of(cidr):
     """The address in an address/prefix: 10.0.0.1 in 10.0.0.1/24."""
     return cidr.split("/")[0]
 
 
-def network(cidr):
+def network_of(cidr):
     """The network of an address/prefix: 10.0.0.0/24 for 10.0.0.1/24."""
     return str(ipaddress.ip_interface(cidr).network)
 
@@ -1903,13 +1903,15 @@ def network(cidr):
 def keep_instructions(ns, target, transport):
     """--keep: commands to paste into another terminal (as root) to explore the two hosts."""
     c, s = ns["client"], ns["server"]
-    commands = (("%s bash" % c, "a shell on the client host"),
+    cable, socket_kind = {"tcp": ("the frames inside TCP, on the cable", "the tunnel's TCP connection"),
+                          "udp": ("the datagrams, on the cable", "the tunnel's UDP socket")}[transport]
+    commands = [("%s bash" % c, "a shell on the client host"),
                 ("%s ping %s" % (c, target), "ping through the tunnel"),
-                ("%s tcpdump -ni veth0 -X %s port %d" % (s, transport, PORT),
-                 "the frames inside TCP, on the cable" if transport == "tcp" else "the datagrams, on the cable"),
+                ("%s tcpdump -ni veth0 -X %s port %d" % (s, transport, PORT), cable),
                 ("%s ip route" % c, "the route into the tunnel"),
-                *((("%s tcpdump -ni lan0" % ns["lan"], "what the LAN host sees"),) if "lan" in ns else ()),
-                ("%s ss -%si" % (c, transport[0]), "the tunnel's TCP connection" if transport == "tcp" else "its UDP socket"))
+                ("%s ss -%si" % (c, transport[0]), socket_kind)]
+    if "lan" in ns:
+        commands.insert(4, ("%s tcpdump -ni lan0" % ns["lan"], "what the LAN host sees"))
     width = max(len(command) for command, _ in commands)
     return "the tunnel stays up until Ctrl-C; its lines keep coming here. In another terminal, as root:\n" + \
         "\n".join("  ip netns exec %-*s   %s" % (width, command, what) for command, what in commands)
@@ -1926,7 +1928,7 @@ def bench(ns, timeline, mode):
             return None
         return json.loads(result.stdout)
 
-    addresses = {side: {"underlay": address(DEMO_UNDERLAY[side]), "tunnel": address(DEMO_TUNNEL[side])}
+    addresses = {side: {"underlay": host_of(DEMO_UNDERLAY[side]), "tunnel": host_of(DEMO_TUNNEL[side])}
                  for side in ("server", "client")}
     sink = start_in(ns["server"], calling("bench_sink(%d)" % BENCH_PORT))
     sink.stdout.readline()
@@ -2070,10 +2072,12 @@ def parse_args(argv=None):
     if args.tap and args.mtu and args.mtu > MAX_TAP_MTU:
         parser.error("a tap device takes an MTU of at most %d (the Ethernet header must fit in 65535)"
                      % MAX_TAP_MTU)
-    if args.udp and (args.tls or args.offload or args.two_writes):
-        parser.error("--udp cannot go with --tls (the standard library has no DTLS, TLS for datagrams)"
-                     if args.tls else "--udp cannot go with --offload (its 64 KiB super-packets do not fit "
-                     "in a datagram)" if args.offload else "--two-writes is about TCP: --udp has no length to send")
+    if args.udp and args.tls:
+        parser.error("--udp cannot go with --tls (the standard library has no DTLS, TLS for datagrams)")
+    if args.udp and args.offload:
+        parser.error("--udp cannot go with --offload (its 64 KiB super-packets do not fit in a datagram)")
+    if args.udp and args.two_writes:
+        parser.error("--two-writes is about TCP: --udp has no length to send")
     if args.tls_peer and not args.tls:
         parser.error("--tls-peer needs --tls FILE (this end's certificate and key)")
     if args.demo:
@@ -2130,10 +2134,12 @@ def extended_end(args):
         if args.addr or args.mtu:  # --udp: an MTU whose packets fit one datagram on a 1500-byte cable
             udp_mtu = UDP_MTU - (ETHERNET.size if args.tap else 0) if args.udp and args.addr else None
             configure_device(tunnel.name, args.addr, args.mtu or udp_mtu)
-        if args.udp:
+        if args.udp:  # one loop until the end: a client's selector beats for it
             link = udp_socket(args)
-            with contextlib.closing(link), Heartbeat(link) if args.client else selectors.DefaultSelector() as selector:
-                return 0 if relay_until_closed(tunnel, link, "CLIENT" if args.client else "SERVER", selector) else 1
+            selector = Heartbeat(link) if args.client else selectors.DefaultSelector()
+            with contextlib.closing(link), selector:
+                ended = relay_until_closed(tunnel, link, "CLIENT" if args.client else "SERVER", selector)
+                return 0 if ended else 1
         if args.client:
             return run_client(tunnel, args.client, args.port,
                               lambda sock, host: client_link(sock, host, args, tls))

@@ -2585,3 +2585,12 @@ def test_demo_whose_reader_goes_away_still_cleans_up(clean_demo):
     assert len(result.stdout.splitlines()) == 3
     assert result.returncode == 0 and "Error" not in result.stderr, result.stderr
     assert demo_namespaces() == []
+
+
+def test_udp_socket_buffers_hold_a_burst():
+    with open("/proc/sys/net/core/rmem_max") as f:
+        ceiling = int(f.read())  # what a socket may ask for without CAP_NET_ADMIN
+    link = simpletun.udp_socket(program_args(client="127.0.0.1", port=9, udp=True))
+    with link.sock:
+        got = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports double
+        assert got >= (simpletun.UDP_BUFFER if os.geteuid() == 0 else min(ceiling, simpletun.UDP_BUFFER))
