@@ -1419,12 +1419,13 @@ class DatagramLink(Link):
                         log.warning("a datagram to %s was not sent: %s; such packets are lost, and counted",
                                     self.address, err.strerror)
                 start += HEADER.size + length
-                self.sent_at = time.monotonic()
+        if start and self.peer:
+            self.sent_at = time.monotonic()
         del self.out[:start]
 
     def receive(self):
         """Take the datagrams waiting, each behind a 2-byte length for cut(); None if none is for us."""
-        end = 0
+        end, now = 0, time.monotonic()
         for _ in range(MAX_BATCH):
             if len(self.buffer) - end < HEADER.size + MAX_PACKET:
                 break
@@ -1435,15 +1436,14 @@ class DatagramLink(Link):
             except ConnectionRefusedError:
                 self.say_unanswered()
                 continue
-            if self.admits(sender, self.view[end + HEADER.size:end + HEADER.size + size]):
+            if self.admits(sender, self.view[end + HEADER.size:end + HEADER.size + size], now):
                 HEADER.pack_into(self.buffer, end, size)
                 end += HEADER.size + size
         return end or None  # never 0: a datagram socket has no end of stream
 
-    def admits(self, sender, packet):
+    def admits(self, sender, packet, now):
         """True if a datagram carries a packet from our peer. A server takes a new peer's first
         plausible packet while it has none, or its client has been silent UDP_SILENCE s."""
-        now = time.monotonic()
         if sender == self.peer:
             self.heard_at, self.told = now, False
             return len(packet) > 0  # an empty one is a client's heartbeat: nothing to write
@@ -1567,7 +1567,7 @@ class Timeline:
         self.waiting = []  # a heap of (stamp, arrival order, label, text)
         self.order = itertools.count()
         self.sources = {}  # pipe fd -> [label, unfinished line]
-        self.lines = []  # (label, text) of every line so far, for until()
+        self.lines = collections.deque(maxlen=1000)  # (label, text) of the latest lines, for saw()
 
     def follow(self, label, process):
         """Merge the lines a process prints (stdout and stderr) into the timeline."""
@@ -2055,7 +2055,7 @@ def parse_args(argv=None):
     demo.add_argument("--demo", action="store_true",
                       help="show the whole tunnel on this machine: two network namespaces, a server, "
                            "a client and pings through the tunnel, then clean up (root; with -a: tap; "
-                           "-d/-ddd, --tls FILE, --offload are passed on to both ends)")
+                           "-d/-ddd, --tls FILE, --offload, --udp, --two-writes go to both ends)")
     demo.add_argument("--keep", action="store_true", help="keep the demo's hosts and tunnel up until Ctrl-C "
                       "(quiet unless -d/-dd is given)")
     demo.add_argument("--lan", action="store_true", help="add a third host on a LAN behind the server, and "
