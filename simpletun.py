@@ -645,15 +645,11 @@ def explain_tls(err):
     return "TLS failed: %s" % (reason.lower().replace("_", " ") or err)
 
 
-def cut_without_goodbye(err):
-    """True if a TLS error says the TCP connection ended with no close_notify before it: SSLEOFError,
-    or (some Python builds) an SSLError that carries OpenSSL 3's own reason for it."""
-    return isinstance(err, ssl.SSLEOFError) or "UNEXPECTED_EOF" in (getattr(err, "reason", None) or "")
-
-
 def explain_tls_ending(err, link):
     """One line for a TLS connection that ended without an orderly goodbye."""
-    if cut_without_goodbye(err):
+    # the TCP connection ended with no close_notify before it: SSLEOFError, or (some Python
+    # builds) an SSLError that carries OpenSSL 3's own reason for it
+    if isinstance(err, ssl.SSLEOFError) or "UNEXPECTED_EOF" in (getattr(err, "reason", None) or ""):
         if not link.heard:
             return "connection lost right after the TLS handshake, with no TLS goodbye: the peer " \
                    "refused this end (is this end's certificate the one it pins, and not one signed by it?)"
@@ -1679,15 +1675,6 @@ def demo_ping(address, count=DEMO_PINGS):
     return 0 if all(t is not None for t in times) else 1
 
 
-def in_namespace(namespace, *command):
-    """Run a command inside a namespace; return what it printed, or raise UserError with its message."""
-    result = subprocess.run(("ip", "netns", "exec", namespace) + command, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, universal_newlines=True)
-    if result.returncode != 0:
-        raise UserError("%s: %s" % (" ".join(command), result.stdout.strip()))
-    return result.stdout
-
-
 def remove_stale_demos():
     """Remove the namespaces of earlier demos whose process is gone (killed before it cleaned up)."""
     for line in ip_command("netns", "list").splitlines():
@@ -1737,27 +1724,27 @@ def make_cable_lossy(namespaces, method, loss, delay):
     by delay ms, netem only). nft and iptables drop it as it arrives: dropped as it leaves, the
     sender would be told at once (EPERM), which a lossy cable never does."""
     for namespace in namespaces:
+        inside = ("netns", "exec", namespace)  # ip netns exec NAMESPACE COMMAND...
         # one packet on the cable, one segment: with GSO a "packet" may be a 64 KiB super-packet,
         # and the cable would lose far fewer, far bigger ones than it says
         ip_command("-n", namespace, "link", "set", "veth0", "gso_max_segs", "1")
         if method == "netem":
-            in_namespace(namespace, "tc", "qdisc", "add", "dev", "veth0", "root", "netem",
-                         *(["loss", "%g%%" % loss] if loss else []),
-                         *(["delay", "%gms" % delay] if delay else []))
+            shape = (["loss", "%g%%" % loss] if loss else []) + (["delay", "%gms" % delay] if delay else [])
+            ip_command(*inside, "tc", "qdisc", "add", "dev", "veth0", "root", "netem", *shape)
         elif method == "nft":  # numgen random: a random number per packet, 0..9999
             chance = "numgen random mod 10000 < %d " % round(loss * 100) if loss < 100 else ""
-            in_namespace(namespace, "nft", "add table inet simpletun_demo; add chain inet simpletun_demo in "
-                         "{ type filter hook input priority 0; policy accept; }; "
-                         "add rule inet simpletun_demo in iifname veth0 %scounter drop" % chance)
+            ip_command(*inside, "nft", "add table inet simpletun_demo; add chain inet simpletun_demo in "
+                       "{ type filter hook input priority 0; policy accept; }; "
+                       "add rule inet simpletun_demo in iifname veth0 %scounter drop" % chance)
         else:
-            in_namespace(namespace, "iptables", "-A", "INPUT", "-i", "veth0", "-m", "statistic",
-                         "--mode", "random", "--probability", "%g" % (loss / 100), "-j", "DROP")
+            ip_command(*inside, "iptables", "-A", "INPUT", "-i", "veth0", "-m", "statistic",
+                       "--mode", "random", "--probability", "%g" % (loss / 100), "-j", "DROP")
 
 
 def outer_retransmissions(namespace, port_filter):
     """Segments the tunnel's own TCP connection retransmitted, as ss -ti reports it (None: unknown)."""
     try:
-        text = in_namespace(namespace, "ss", "-tiH", "state", "established", port_filter)
+        text = ip_command("netns", "exec", namespace, "ss", "-tiH", "state", "established", port_filter)
     except (UserError, OSError):
         return "an unknown number of"
     found = re.search(r"retrans:\d+/(\d+)", text)
@@ -1824,7 +1811,8 @@ def demo(args):
             if not timeline.pump(started, DEMO_WAIT) or running[side].poll() is not None:
                 raise UserError("the demo's %s did not come up: see its lines above" % side)
         if args.lan:  # the client's route to the LAN: into the tunnel, to the server, which forwards
-            route = (network_of(DEMO_LAN["lan"]), "via", host_of(DEMO_TUNNEL["server"]))
+            lan = ipaddress.ip_interface(DEMO_LAN["lan"]).network
+            route = (str(lan), "via", host_of(DEMO_TUNNEL["server"]))
             ip_command("-n", ns["client"], "route", "add", *route)
             timeline.say("client: ip route add %s %s %s" % route)
         pinger = start_in(ns["client"], calling("demo_ping(%r)" % target))
@@ -1887,17 +1875,12 @@ def build_demo_hosts(ns):
                 ip_command("-n", ns[side], "link", "set", ifname, "up")
     if "lan" in ns:
         ip_command("-n", ns["lan"], "route", "add", "default", "via", host_of(DEMO_LAN["server"]))
-        in_namespace(ns["server"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        ip_command("netns", "exec", ns["server"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
 
 def host_of(cidr):
     """The address in an address/prefix: 10.0.0.1 in 10.0.0.1/24."""
     return cidr.split("/")[0]
-
-
-def network_of(cidr):
-    """The network of an address/prefix: 10.0.0.0/24 for 10.0.0.1/24."""
-    return str(ipaddress.ip_interface(cidr).network)
 
 
 def keep_instructions(ns, target, transport):
