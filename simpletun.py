@@ -1875,7 +1875,7 @@ def build_demo_hosts(ns):
                 ip_command("-n", ns[side], "link", "set", ifname, "up")
     if "lan" in ns:
         ip_command("-n", ns["lan"], "route", "add", "default", "via", host_of(DEMO_LAN["server"]))
-        ip_command("netns", "exec", ns["server"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        ip_command("netns", "exec", ns["server"], "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
 
 
 def host_of(cidr):
