@@ -514,7 +514,7 @@ class ExtraLink(Link):
         """Close without a reset: TLS close_notify, our FIN, then what comes until the peer's.
         (Closing a socket that holds unread bytes makes the kernel send a reset: the peer would
         report a broken connection instead of an orderly end.)"""
-        try:
+        with self.sock, contextlib.suppress(OSError, ValueError):  # an error: the peer is gone already
             if self.tls:
                 tls_goodbye(self.sock)
             self.sock.shutdown(socket.SHUT_WR)
@@ -522,30 +522,22 @@ class ExtraLink(Link):
             while select.select([self.sock], [], [], max(0, deadline - time.monotonic()))[0]:
                 if not self.sock.recv(65536):
                     break
-        except (OSError, ValueError):  # the peer is gone already
-            pass
-        finally:
-            self.sock.close()
 
 
 class TwoWritesLink(ExtraLink):
-    """--two-writes: send as the C original does, to see what it costs: Nagle's algorithm on, and
-    each frame in two blocking sends, its length, then its packet. The 2-byte send goes at once;
-    Nagle holds the packet until that is acknowledged, and the peer delays its ACK (up to 40 ms)."""
+    """--two-writes: send as the C original does, to see what it costs: Nagle on, and each frame in two
+    sends. The length goes at once; Nagle holds the packet until the peer's (delayed) ACK of it."""
 
     def send_queued(self):
         """Send each queued frame in two sends, as the original's two write() calls."""
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # (tune() set it)
         self.sock.setblocking(True)
         try:
-            with memoryview(self.out) as out:
-                start = 0
-                while start < len(out):
-                    end = start + self.header.size + self.header.unpack_from(out, start)[0]
-                    self.sock.sendall(out[start:start + self.header.size])
-                    self.sock.sendall(out[start + self.header.size:end])
-                    start = end
-            del self.out[:]
+            while self.out:
+                end = self.header.size + self.header.unpack_from(self.out)[0]
+                self.sock.sendall(self.out[:self.header.size])
+                self.sock.sendall(self.out[self.header.size:end])
+                del self.out[:end]
         finally:
             self.sock.setblocking(False)
 
@@ -589,12 +581,9 @@ def tls_context(server, own_file, peer_file=None):
 
 def why_unusable(err, should_hold):
     """Why a --tls/--tls-peer file cannot be used, in words."""
-    if isinstance(err, FileNotFoundError):
-        return "no such file"
-    if isinstance(err, PermissionError):
-        return "cannot read it (permission denied)"
     if isinstance(err, OSError) and not isinstance(err, ssl.SSLError):
-        return err.strerror or str(err)
+        return {errno.ENOENT: "no such file", errno.EACCES: "cannot read it (permission denied)"}.get(
+            err.errno, err.strerror or str(err))
     return "not a PEM file holding %s (see the README: Encryption)" % should_hold
 
 
@@ -679,10 +668,9 @@ def secure_client(sock, tls):
 
 def tls_goodbye(sock):
     """Send TLS close_notify, so the peer can tell an orderly end from a cut connection."""
-    try:
-        sock.unwrap()  # sends close_notify; waiting for the peer's is ExtraLink.close()'s job
-    except (ssl.SSLError, OSError, ValueError):  # SSLWantRead: ours is sent, theirs not here yet
-        pass
+    # SSLWantReadError: ours is sent, theirs not here yet (waiting for it is ExtraLink.close()'s job)
+    with contextlib.suppress(OSError, ValueError):  # ssl.SSLError is an OSError
+        sock.unwrap()  # sends close_notify
 
 
 # ---- 3. Who gets the server's one client slot: WaitingRoom ----------------------------------
@@ -932,10 +920,8 @@ class WaitingRoom(selectors.DefaultSelector):
 
     def drain(self, sock):
         """Read and discard what a closing connection still sends, until its end."""
-        if sock not in self.closing:  # closed earlier in this wake-up
-            return
         try:
-            if sock.recv(65536):
+            if sock not in self.closing or sock.recv(65536):  # closed earlier in this wake-up; not its end
                 return
         except WOULD_BLOCK:
             return
@@ -952,9 +938,7 @@ class WaitingRoom(selectors.DefaultSelector):
     def close(self):
         """The server stops: close everyone still waiting or closing."""
         for sock in list(self.newcomers) + list(self.closing):
-            sock.close()
-        self.newcomers.clear()
-        self.closing.clear()
+            sock.close()  # (closing twice is harmless)
         super().close()
 
 
@@ -1027,14 +1011,10 @@ MIN_MTU, MAX_MTU, MAX_TAP_MTU = 68, 65535, 65535 - 14
 def configure_device(name, interface=None, mtu=None):
     """Set the device's MTU, give it an IPv4 address and prefix (an ipaddress.IPv4Interface) and
     bring it up. Without an address the device keeps its addresses and its up/down state."""
-    done = []
-    if mtu:
-        ip_command("link", "set", name, "mtu", str(mtu))
-        done.append("MTU %d" % mtu)
     if interface:
         ip_command("addr", "replace", str(interface), "dev", name)
-        ip_command("link", "set", name, "up")
-        done += ["address %s" % interface, "up"]
+    ip_command("link", "set", name, *(["mtu", str(mtu)] if mtu else []), *(["up"] if interface else []))
+    done = (["MTU %d" % mtu] if mtu else []) + (["address %s" % interface, "up"] if interface else [])
     log.debug("Configured %s: %s", name, ", ".join(done))
 
 
@@ -1096,11 +1076,10 @@ class Lines(logging.Handler):
         super().__init__()
         self.stream = stream or sys.stderr
         self.debug, self.tap, self.offload, self.stamps = args.debug, args.tap, args.offload, args.timestamps
-        self.header, self.device = OFFLOAD_HEADER if args.offload else HEADER, args.iface
-        self.udp = args.udp
+        self.header, self.device, self.udp = OFFLOAD_HEADER if args.offload else HEADER, args.iface, args.udp
         self.arrived = None  # when the last packet came from the network (see stamp())
         self.quiet_until, self.unsaid = 0, 0  # refusals not printed (see QUIET_TIME)
-        self.told_tap = False
+        self.told_tap = False  # the original's "tap interface" was explained once
 
     def emit(self, record):
         """Print a record's line, and what this run's level adds to it."""
@@ -1141,8 +1120,7 @@ class Lines(logging.Handler):
         if self.debug > 2 and direction == "TAP2NET":
             lines.append("%s %d: on the wire: %s%s%s" % (
                 direction, count, "" if self.udp else "[%s] " % self.header.pack(len(packet)).hex(" "),
-                bytes(packet[:WIRE_BYTES]).hex(" "),
-                " ..." if len(packet) > WIRE_BYTES else ""))
+                bytes(packet[:WIRE_BYTES]).hex(" "), " ..." if len(packet) > WIRE_BYTES else ""))
         return lines
 
     def refusal(self, text, args):
@@ -1221,44 +1199,34 @@ def describe_arp(payload):
 
 
 def describe_ip(packet):
-    """An IP packet, by its version nibble: IPv4, IPv6, or neither."""
+    """An IP packet, IPv4 or IPv6 by its version nibble: addresses, then what it carries."""
     version = packet[0] >> 4 if packet else None
     if version == 4:
-        return describe_ipv4(packet)
-    if version == 6:
-        return describe_ipv6(packet)
-    return "not an IP packet (%d bytes)" % len(packet)
-
-
-def describe_ipv4(packet):
-    """An IPv4 packet: addresses, then what it carries."""
-    header_size = (packet[0] & 0x0F) * 4
-    if len(packet) < IPV4.size or header_size < IPV4.size or len(packet) < header_size:
-        return "IPv4 truncated header (%d bytes)" % len(packet)
-    _, _, total, _, fragment, _, protocol, _, source, destination = IPV4.unpack_from(packet)
-    addresses = "IPv4 %s > %s" % (socket.inet_ntoa(source), socket.inet_ntoa(destination))
-    if fragment & 0x1FFF:  # a later fragment: its bytes continue a transport header we saw before
+        header_size = (packet[0] & 0x0F) * 4
+        if len(packet) < IPV4.size or header_size < IPV4.size or len(packet) < header_size:
+            return "IPv4 truncated header (%d bytes)" % len(packet)
+        _, _, total, _, fragment, _, protocol, _, source, destination = IPV4.unpack_from(packet)
+        addresses = "IPv4 %s > %s" % (socket.inet_ntoa(source), socket.inet_ntoa(destination))
+        payload, icmp_types = packet[header_size:max(total, header_size)], ICMP_TYPES
+        later_fragment = fragment & 0x1FFF  # its bytes continue a transport header seen before
+    elif version == 6:
+        if len(packet) < IPV6.size:
+            return "IPv6 truncated header (%d bytes)" % len(packet)
+        _, _, protocol, _, source, destination = IPV6.unpack_from(packet)
+        addresses = "IPv6 %s > %s" % (socket.inet_ntop(socket.AF_INET6, source),
+                                      socket.inet_ntop(socket.AF_INET6, destination))
+        payload, icmp_types = packet[IPV6.size:], ICMPV6_TYPES
+        # Extension headers sit between the IPv6 header and the transport: skip them (MLD reports,
+        # for example, carry a hop-by-hop header), each says its own length in 8-byte units.
+        while protocol in IPV6_EXTENSION_HEADERS and len(payload) >= 2:
+            protocol, size = payload[0], (payload[1] + 1) * 8
+            payload = payload[size:]
+        later_fragment = protocol == IPV6_FRAGMENT
+    else:
+        return "not an IP packet (%d bytes)" % len(packet)
+    if later_fragment:
         return "%s fragment (%d bytes)" % (addresses, len(packet))
-    payload = packet[header_size:max(total, header_size)]
-    return "%s %s (%d bytes)" % (addresses, describe_transport(protocol, payload, ICMP_TYPES), len(packet))
-
-
-def describe_ipv6(packet):
-    """An IPv6 packet: addresses, then what it carries behind any extension headers."""
-    if len(packet) < IPV6.size:
-        return "IPv6 truncated header (%d bytes)" % len(packet)
-    _, _, protocol, _, source, destination = IPV6.unpack_from(packet)
-    addresses = "IPv6 %s > %s" % (socket.inet_ntop(socket.AF_INET6, source),
-                                  socket.inet_ntop(socket.AF_INET6, destination))
-    payload = packet[IPV6.size:]
-    # Extension headers sit between the IPv6 header and the transport: skip them (MLD reports,
-    # for example, carry a hop-by-hop header), each says its own length in 8-byte units.
-    while protocol in IPV6_EXTENSION_HEADERS and len(payload) >= 2:
-        protocol, size = payload[0], (payload[1] + 1) * 8
-        payload = payload[size:]
-    if protocol == IPV6_FRAGMENT:
-        return "%s fragment (%d bytes)" % (addresses, len(packet))
-    return "%s %s (%d bytes)" % (addresses, describe_transport(protocol, payload, ICMPV6_TYPES), len(packet))
+    return "%s %s (%d bytes)" % (addresses, describe_transport(protocol, payload, icmp_types), len(packet))
 
 
 def describe_transport(protocol, payload, icmp_types):
@@ -1391,8 +1359,8 @@ class DatagramLink(Link):
         self.tap, self.peer = tap, peer
         self.heard_at = self.sent_at = 0  # when the peer last sent a datagram; when we last did
         self.told = False  # "nothing answers" (client) or "no client yet" (server) was said
-        self.strangers, self.dropped = set(), 0  # senders named (at most MAX_STRANGERS); datagrams
-        self.unsent = 0  # packets this host would not send
+        # senders named (at most MAX_STRANGERS), datagrams dropped, packets this host would not send
+        self.strangers, self.dropped, self.unsent = set(), 0, 0
 
     def send_queued(self):
         """Send each queued packet as one datagram, without its length (no peer yet: drop them)."""
@@ -1460,16 +1428,6 @@ class DatagramLink(Link):
         self.peer, self.address, self.heard_at = sender, udp_address(sender), now
         return True
 
-    def beat(self):
-        """Client: an empty datagram, "still here" (and if no server is there, ICMP says so)."""
-        self.sent_at = time.monotonic()
-        try:
-            self.sock.send(b"")
-        except ConnectionRefusedError:
-            self.say_unanswered()
-        except OSError:  # not sent (a full buffer, a firewall): the next one may be
-            pass
-
     def say_unanswered(self):
         """Client: the server's host answered with ICMP port unreachable. Say so once per silence."""
         if not self.told:
@@ -1498,7 +1456,9 @@ class Heartbeat(selectors.DefaultSelector):
     def select(self, timeout=None):
         due = self.link.sent_at + UDP_HEARTBEAT - time.monotonic()
         if due <= 0:
-            self.link.beat()
+            if not self.link.out:  # an empty datagram: "still here" (if no server is, ICMP says so)
+                self.link.out += HEADER.pack(0)
+                self.link.send_queued()
             due = UDP_HEARTBEAT
         return super().select(due if timeout is None else min(due, timeout))
 
@@ -1535,8 +1495,7 @@ def udp_socket(args):
             sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER)
         except PermissionError:  # not root: as much as net.core.[wr]mem_max allows
             sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER)
-    peer = sock.getpeername() if args.client else None
-    return DatagramLink(sock, args.client or "", args.tap, peer)
+    return DatagramLink(sock, args.client or "", args.tap, sock.getpeername() if args.client else None)
 
 
 # ---- 8. The whole tunnel on one machine: demo(), Timeline, ping(), the lossy cable, the bench ---
@@ -1552,6 +1511,8 @@ DEMO_WAIT = 10  # seconds for each end to come up, and to go
 BENCH_PORT, BENCH_SECONDS, BENCH_PINGS = 5201, 3, 20
 ICMP_ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
+
+
 class Timeline:
     """The demo's one output: every process's lines, merged in the order they happened (each end
     stamps its lines: stamped()). A line waits HOLD s for earlier ones still in another's pipe."""
@@ -1565,11 +1526,12 @@ class Timeline:
         self.sources = {}  # pipe fd -> [label, unfinished line]
         self.lines = collections.deque(maxlen=1000)  # (label, text) of the latest lines, for saw()
 
-    def follow(self, label, process):
-        """Merge the lines a process prints (stdout and stderr) into the timeline."""
-        fd = process.stdout.fileno()
-        os.set_blocking(fd, False)
-        self.sources[fd] = [label, b""]
+    def launch(self, label, namespace, command):
+        """Start a command in a namespace (start_in()); merge what it prints into the timeline."""
+        process = start_in(namespace, command)
+        os.set_blocking(process.stdout.fileno(), False)
+        self.sources[process.stdout.fileno()] = [label, b""]
+        return process
 
     def say(self, text):
         """A line of the demo's own."""
@@ -1633,7 +1595,7 @@ class Timeline:
         self.emit(float("inf"))
 
 
-def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=None):
+def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=lambda text: None):
     """Send ICMP echo requests to `address`; return the round trip times (None: no reply); `say`
     prints a line for each. What the ping command does (the demo cannot count on it being installed),
     with the kernel's ping socket: it fills in the checksum, and hands over our replies only."""
@@ -1642,8 +1604,7 @@ def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=None):
     times = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP) as sock:
         for sequence in range(1, count + 1):
-            if say:
-                say("echo request to %s: icmp_seq=%d" % (address, sequence))
+            say("echo request to %s: icmp_seq=%d" % (address, sequence))
             sent = time.monotonic()
             sock.sendto(ICMP_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, 0, sequence) +
                         b"simpletun.py demo, echo request %d" % sequence, (address, 0))
@@ -1652,12 +1613,10 @@ def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=None):
                 kind, _, _, _, their_sequence = ICMP_ECHO.unpack_from(sock.recv(65535))
                 if (kind, their_sequence) == (ICMP_ECHO_REPLY, sequence):
                     times[-1] = time.monotonic() - sent
-                    if say:
-                        say("reply from %s: icmp_seq=%d time=%.2f ms" % (address, sequence, times[-1] * 1000))
+                    say("reply from %s: icmp_seq=%d time=%.2f ms" % (address, sequence, times[-1] * 1000))
                     break
             else:
-                if say:
-                    say("no reply from %s to icmp_seq=%d within %g s" % (address, sequence, timeout))
+                say("no reply from %s to icmp_seq=%d within %g s" % (address, sequence, timeout))
             time.sleep(interval)
     return times
 
@@ -1678,27 +1637,18 @@ def demo_ping(address, count=DEMO_PINGS):
 def remove_stale_demos():
     """Remove the namespaces of earlier demos whose process is gone (killed before it cleaned up)."""
     for line in ip_command("netns", "list").splitlines():
-        name = line.split()[0] if line.split() else ""
-        if not name.startswith(DEMO_PREFIX) or not name[len(DEMO_PREFIX):-2].isdigit():
-            continue
-        try:
-            os.kill(int(name[len(DEMO_PREFIX):-2]), 0)
-            continue  # that demo is still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, someone else's
-        remove_namespace(name)
-        print("demo: removed %s, left behind by an earlier demo" % name, flush=True)
+        name = (line.split() or [""])[0]
+        pid = name[len(DEMO_PREFIX):-2]  # the demo that made it
+        if name.startswith(DEMO_PREFIX) and pid.isdigit() and not os.path.exists("/proc/" + pid):
+            remove_namespace(name)
+            print("demo: removed %s, left behind by an earlier demo" % name, flush=True)
 
 
 def remove_namespace(name):
     """End what still runs in a demo namespace (the demo started it), then delete the namespace."""
     for pid in ip_command("netns", "pids", name).split():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     ip_command("netns", "delete", name)
 
 
@@ -1784,17 +1734,16 @@ def demo(args):
             "client": options + ["-c", host_of(DEMO_UNDERLAY["server"]), "--addr", DEMO_TUNNEL["client"]]}
     target = host_of(DEMO_LAN["lan"] if args.lan else DEMO_TUNNEL["server"])
     timeline = Timeline()
-    hosts = ["  %s %s  veth0 %s  %s %s" % (side, ns[side], DEMO_UNDERLAY[side], device, DEMO_TUNNEL[side])
+    intro = ["  %s %s  veth0 %s  %s %s" % (side, ns[side], DEMO_UNDERLAY[side], device, DEMO_TUNNEL[side])
              for side in ("server", "client")]
     if args.lan:
-        hosts.append("  lan    %s  lan0 %s, on a LAN behind the server (its lan0 %s), which forwards"
+        intro.append("  lan    %s  lan0 %s, on a LAN behind the server (its lan0 %s), which forwards"
                      % (ns["lan"], DEMO_LAN["lan"], DEMO_LAN["server"]))
     timeline.say("%s hosts, each a network namespace, joined by %s (the \"physical\" network):"
                  % (("three", "veth pairs") if args.lan else ("two", "a veth pair")))
-    timeline.say("\n".join(hosts))
-    pings = "" if args.bench else "; the client pings %s through it" % target
-    timeline.say("a %s tunnel joins %s and %s%s" % (mode, DEMO_TUNNEL["server"], DEMO_TUNNEL["client"],
-                                                     pings))
+    intro.append("a %s tunnel joins %s and %s" % (mode, DEMO_TUNNEL["server"], DEMO_TUNNEL["client"])
+                 + ("" if args.bench else "; the client pings %s through it" % target))
+    timeline.say("\n".join(intro))
     running, crossed, interrupted = {}, False, False
     script = [sys.executable, os.path.abspath(__file__), "--timestamps"]
     try:
@@ -1805,8 +1754,7 @@ def demo(args):
                 args.loss, ", delayed %g ms" % args.delay if args.delay else "", method))
         for side, ready in (("server", "SERVER: listening"), ("client", "CLIENT: Connected")):
             timeline.say("%s: simpletun.py %s" % (side, " ".join(ends[side])))
-            running[side] = start_in(ns[side], script + ends[side])
-            timeline.follow(side, running[side])
+            running[side] = timeline.launch(side, ns[side], script + ends[side])
             started = lambda: timeline.saw(side, ready) or running[side].poll() is not None  # noqa: E731
             if not timeline.pump(started, DEMO_WAIT) or running[side].poll() is not None:
                 raise UserError("the demo's %s did not come up: see its lines above" % side)
@@ -1815,9 +1763,7 @@ def demo(args):
             route = (str(lan), "via", host_of(DEMO_TUNNEL["server"]))
             ip_command("-n", ns["client"], "route", "add", *route)
             timeline.say("client: ip route add %s %s %s" % route)
-        pinger = start_in(ns["client"], calling("demo_ping(%r)" % target))
-        timeline.follow("ping", pinger)
-        running["ping"] = pinger
+        running["ping"] = pinger = timeline.launch("ping", ns["client"], calling("demo_ping(%r)" % target))
         timeline.pump(lambda: pinger.poll() is not None)
         crossed = pinger.returncode == 0
         if args.bench:
@@ -1832,10 +1778,10 @@ def demo(args):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave things behind
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if (method or args.keep) and "client" in running and not args.udp:
+            counts = (outer_retransmissions(ns["client"], "( dport = :%d )" % PORT),
+                      outer_retransmissions(ns["server"], "( sport = :%d )" % PORT))
             timeline.say("the tunnel's own TCP connection retransmitted %s segment(s) from the client, %s "
-                         "from the "
-                         "server (ss -ti)" % (outer_retransmissions(ns["client"], "( dport = :%d )" % PORT),
-                                              outer_retransmissions(ns["server"], "( sport = :%d )" % PORT)))
+                         "from the server (ss -ti)" % counts)
         for side in ("ping", "client", "server"):  # both ends print their summary line on SIGTERM
             if side in running and running[side].poll() is None:
                 running[side].terminate()
@@ -1945,12 +1891,8 @@ def bench_sink(port):
         while True:
             sock, _ = listener.accept()
             with sock:
-                received, buffer = 0, bytearray(1 << 20)
-                while True:
-                    count = sock.recv_into(buffer)
-                    if not count:
-                        break
-                    received += count
+                buffer = bytearray(1 << 20)
+                received = sum(iter(lambda: sock.recv_into(buffer), 0))  # until the sender's end
                 sock.sendall(b"%d" % received)
 
 
@@ -2025,12 +1967,10 @@ def parse_args(argv=None):
                         help="with --tls: the peer's certificate, the only one accepted "
                              "(default: the certificate in the --tls FILE)")
     parser.add_argument("--bind", metavar="ADDR", help="server: listen on this address only (default: all)")
-    parser.add_argument("--udp", action="store_true",
-                        help="carry each packet as one UDP datagram (no TCP over TCP); both ends need it, "
-                             "and a C simpletun peer has no such mode")
-    parser.add_argument("--two-writes", action="store_true",
-                        help="send as the C original does: the length and the packet in two sends, Nagle on "
-                             "(to see its 40 ms stall; still wire-compatible)")
+    parser.add_argument("--udp", action="store_true", help="carry each packet as one UDP datagram (no TCP "
+                        "over TCP); both ends need it, and a C simpletun peer has no such mode")
+    parser.add_argument("--two-writes", action="store_true", help="send as the C original does, to see its "
+                        "40 ms stall: length and packet in two sends, Nagle on (still wire-compatible)")
     parser.add_argument("--offload", action="store_true",
                         help="let the kernel hand over 64 KiB super-packets (TSO/GSO): several times the "
                              "throughput; both ends need it, and a C simpletun peer cannot take it")
@@ -2055,12 +1995,11 @@ def parse_args(argv=None):
     if args.tap and args.mtu and args.mtu > MAX_TAP_MTU:
         parser.error("a tap device takes an MTU of at most %d (the Ethernet header must fit in 65535)"
                      % MAX_TAP_MTU)
-    if args.udp and args.tls:
-        parser.error("--udp cannot go with --tls (the standard library has no DTLS, TLS for datagrams)")
-    if args.udp and args.offload:
-        parser.error("--udp cannot go with --offload (its 64 KiB super-packets do not fit in a datagram)")
-    if args.udp and args.two_writes:
-        parser.error("--two-writes is about TCP: --udp has no length to send")
+    for flag, why in (("tls", "the standard library has no DTLS, TLS for datagrams"),
+                      ("offload", "its 64 KiB super-packets do not fit in a datagram"),
+                      ("two_writes", "it is about TCP: a datagram has no length to send apart")):
+        if args.udp and getattr(args, flag):
+            parser.error("--udp cannot go with --%s (%s)" % (flag.replace("_", "-"), why))
     if args.tls_peer and not args.tls:
         parser.error("--tls-peer needs --tls FILE (this end's certificate and key)")
     if args.demo:
