@@ -480,7 +480,7 @@ class ExtraLink(Link):
             self.heard = True
             if self.header is HEADER and bytes(self.view[:len(GREETING_FRAME)]) == GREETING_FRAME:
                 raise LinkEnded("the peer runs with --offload, this end without: start both ends with "
-                                   "--offload, or neither")
+                                "--offload, or neither")
         if count and self.debug > 1:
             log_receive(self, count)
         return count
@@ -528,9 +528,12 @@ class TwoWritesLink(ExtraLink):
     """--two-writes: send as the C original does, to see what it costs: Nagle on, and each frame in two
     sends. The length goes at once; Nagle holds the packet until the peer's (delayed) ACK of it."""
 
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # Nagle back on (tune() set it off)
+
     def send_queued(self):
         """Send each queued frame in two sends, as the original's two write() calls."""
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # (tune() set it)
         self.sock.setblocking(True)
         try:
             while self.out:
@@ -871,7 +874,7 @@ class WaitingRoom(selectors.DefaultSelector):
         if self.proven:  # --tls: the newer of two proven in one wake-up takes the slot
             self.say_goodbye(self.proven.sock, "orderly")
         link = self.link_class(newcomer.sock, newcomer.address, OFFLOAD_HEADER if self.offload else HEADER,
-                         OFFLOAD_RECV_SIZE if self.offload else RECV_SIZE, self.debug, heard=True)
+                               OFFLOAD_RECV_SIZE if self.offload else RECV_SIZE, self.debug, heard=True)
         if newcomer.head and not self.offload:  # the start of its first frame: cut with the rest of it
             link.kept = len(newcomer.head)
             link.view[:link.kept] = newcomer.head
@@ -881,9 +884,8 @@ class WaitingRoom(selectors.DefaultSelector):
         log.info("SERVER: Client connected from %s%s", newcomer.address,
                  " (%s, pinned certificate)" % newcomer.sock.version() if self.tls else "")
         if self.active:
-            raise LinkEnded("%s proved itself with the pinned certificate: it replaces %s "
-                               "(the newest authenticated client wins)"
-                               % (newcomer.address, self.active.address))
+            raise LinkEnded("%s proved itself with the pinned certificate: it replaces %s (the newest "
+                            "authenticated client wins)" % (newcomer.address, self.active.address))
 
     def send_away(self, newcomer, kind, why, how):
         """Refuse a newcomer: say why (see refuse()), and close it `how` (see say_goodbye())."""
@@ -1309,13 +1311,13 @@ def greet_server(link):
             data = sock.recv(len(GREETING_FRAME) - len(head))
             if not data:
                 raise LinkEnded("the server closed the connection instead of greeting: it runs without "
-                                   "--offload (its log says so)")
+                                "--offload (its log says so)")
             head += data
             if not GREETING_FRAME.startswith(head):
                 raise LinkEnded("the server runs without --offload: its first frame is not the greeting")
     except socket.timeout:
         raise LinkEnded("no --offload greeting from the server within %d s: it runs without --offload "
-                           "(or is the C simpletun)" % GREETING_TIMEOUT) from None
+                        "(or is the C simpletun)" % GREETING_TIMEOUT) from None
     sock.setblocking(False)
     log.debug("CLIENT: the server runs --offload too: frames carry a 4-byte length from here on")
 
@@ -1486,9 +1488,8 @@ def udp_socket(args):
             sock.bind((args.bind or "", args.port))
             log.info("SERVER: listening on UDP port %d", args.port)
     except OSError as err:  # socket.gaierror too
-        where = args.client or args.bind or "every address"
-        raise UserError("cannot use UDP port %d on %s: %s" % (args.port, where, err.strerror or err)) \
-            from None
+        at = args.client or args.bind or "every address"
+        raise UserError("cannot use UDP port %d on %s: %s" % (args.port, at, err.strerror or err)) from None
     sock.setblocking(False)
     for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
         try:
@@ -1596,11 +1597,9 @@ class Timeline:
 
 
 def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=lambda text: None):
-    """Send ICMP echo requests to `address`; return the round trip times (None: no reply); `say`
-    prints a line for each. What the ping command does (the demo cannot count on it being installed),
-    with the kernel's ping socket: it fills in the checksum, and hands over our replies only."""
-    with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
-        f.write("0 0")  # this namespace lets root's group use ping sockets
+    """Send ICMP echo requests to `address`; return the round trip times (None: no reply); `say` prints
+    a line for each. What ping does (the demo cannot count on it), with the kernel's ping socket, which
+    build_demo_hosts() allows: it fills in the checksum, and hands over our replies only."""
     times = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP) as sock:
         for sequence in range(1, count + 1):
@@ -1692,7 +1691,7 @@ def make_cable_lossy(namespaces, method, loss, delay):
 
 
 def outer_retransmissions(namespace, port_filter):
-    """Segments the tunnel's own TCP connection retransmitted, as ss -ti reports it (None: unknown)."""
+    """Segments the tunnel's own TCP connection retransmitted, as ss -ti reports it, in words."""
     try:
         text = ip_command("netns", "exec", namespace, "ss", "-tiH", "state", "established", port_filter)
     except (UserError, OSError):
@@ -1709,10 +1708,9 @@ def start_in(namespace, command):
 
 
 def calling(call):
-    """The command that runs simpletun.CALL in a process of its own, e.g. in a demo namespace."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import simpletun; "
-            "sys.exit(simpletun.%s)" % (here, call)]
+    """The command that runs CALL, a call of a function of this file, in a process of its own."""
+    return [sys.executable, "-c", "import sys; sys.path.insert(0, %r); from simpletun import *; sys.exit(%s)"
+            % (os.path.dirname(os.path.abspath(__file__)), call)]
 
 
 def demo(args):
@@ -1734,13 +1732,13 @@ def demo(args):
             "client": options + ["-c", host_of(DEMO_UNDERLAY["server"]), "--addr", DEMO_TUNNEL["client"]]}
     target = host_of(DEMO_LAN["lan"] if args.lan else DEMO_TUNNEL["server"])
     timeline = Timeline()
+    timeline.say("%s hosts, each a network namespace, joined by %s (the \"physical\" network):"
+                 % (("three", "veth pairs") if args.lan else ("two", "a veth pair")))
     intro = ["  %s %s  veth0 %s  %s %s" % (side, ns[side], DEMO_UNDERLAY[side], device, DEMO_TUNNEL[side])
              for side in ("server", "client")]
     if args.lan:
         intro.append("  lan    %s  lan0 %s, on a LAN behind the server (its lan0 %s), which forwards"
                      % (ns["lan"], DEMO_LAN["lan"], DEMO_LAN["server"]))
-    timeline.say("%s hosts, each a network namespace, joined by %s (the \"physical\" network):"
-                 % (("three", "veth pairs") if args.lan else ("two", "a veth pair")))
     intro.append("a %s tunnel joins %s and %s" % (mode, DEMO_TUNNEL["server"], DEMO_TUNNEL["client"])
                  + ("" if args.bench else "; the client pings %s through it" % target))
     timeline.say("\n".join(intro))
@@ -1794,8 +1792,7 @@ def demo(args):
         for name in ns.values():
             if name in ip_command("netns", "list"):
                 remove_namespace(name)
-        timeline.say("removed %s and everything in them" % ("all three namespaces" if args.lan else
-                                                             "both namespaces"))
+        timeline.say("removed %s namespaces and everything in them" % ("all three" if args.lan else "both"))
         timeline.flush()
     if interrupted and not args.keep:
         return 1
@@ -1808,9 +1805,10 @@ def demo(args):
 def build_demo_hosts(ns):
     """Two namespaces, a veth pair between them, addressed and up; with --lan, a third one behind
     the server, on a veth pair of its own, with the server as its way out (forwarding on)."""
-    for name in ns.values():
+    for name in ns.values():  # each host: its loopback up, and ping sockets for root's group (ping())
         ip_command("netns", "add", name)
         ip_command("-n", name, "link", "set", "lo", "up")
+        ip_command("netns", "exec", name, "sh", "-c", "echo 0 0 > /proc/sys/net/ipv4/ping_group_range")
     for ifname, here, there, addresses in (("veth0", "server", "client", DEMO_UNDERLAY),
                                            ("lan0", "server", "lan", DEMO_LAN)):
         if there in ns:
@@ -1860,7 +1858,7 @@ def bench(ns, timeline, mode):
     addresses = {side: {"underlay": host_of(DEMO_UNDERLAY[side]), "tunnel": host_of(DEMO_TUNNEL[side])}
                  for side in ("server", "client")}
     sink = start_in(ns["server"], calling("bench_sink(%d)" % BENCH_PORT))
-    sink.stdout.readline()
+    sink.stdout.readline()  # "listening"
     try:
         timeline.say("bench: TCP client -> server for %d s over the cable, then through the tunnel; "
                      "%d pings each way" % (BENCH_SECONDS, BENCH_PINGS))
@@ -2053,15 +2051,17 @@ def extended_end(args):
     try:
         set_offload(tunnel.fd, args.offload)
         log.debug("Successfully connected to interface %s", tunnel.name)
-        if args.addr or args.mtu:  # --udp: an MTU whose packets fit one datagram on a 1500-byte cable
-            udp_mtu = UDP_MTU - (ETHERNET.size if args.tap else 0) if args.udp and args.addr else None
-            configure_device(tunnel.name, args.addr, args.mtu or udp_mtu)
+        mtu = args.mtu
+        if args.udp and args.addr and not mtu:  # a packet that fits one datagram on a 1500-byte cable
+            mtu = UDP_MTU - (ETHERNET.size if args.tap else 0)
+        if args.addr or mtu:
+            configure_device(tunnel.name, args.addr, mtu)
         if args.udp:  # one loop until the end: a client's selector beats for it
             link = udp_socket(args)
             selector = Heartbeat(link) if args.client else selectors.DefaultSelector()
             with contextlib.closing(link), selector:
-                ended = relay_until_closed(tunnel, link, "CLIENT" if args.client else "SERVER", selector)
-                return 0 if ended else 1
+                relay_until_closed(tunnel, link, "CLIENT" if args.client else "SERVER", selector)
+                return 1  # a datagram link has no orderly end: it ends only when it breaks
         if args.client:
             return run_client(tunnel, args.client, args.port,
                               lambda sock, host: client_link(sock, host, args, tls))
