@@ -1067,20 +1067,47 @@ def test_tap_mtu_goes_up_to_the_kernels_tap_maximum_and_no_further(lab):
     assert "a tap device takes an MTU of at most 65521" in result.stderr
 
 
-def demo_namespaces():
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in listing.splitlines() if line.startswith(simpletun.DEMO_PREFIX)]
+class Demos:
+    """The demos a test started. A demo names its namespaces after its pid: the test counts and removes
+    only those, never another user's demo or another suite's on the same machine."""
+
+    def __init__(self):
+        self.pids = []
+
+    def start(self, *args, **kw):
+        """Start `simpletun.py --demo ARGS` with its output in a pipe; remember its pid."""
+        process = subprocess.Popen([sys.executable, "-u", SCRIPT, "--demo"] + list(args), stdout=subprocess.PIPE,
+                                   stderr=kw.pop("stderr", subprocess.STDOUT), text=True, **kw)
+        self.pids.append(process.pid)
+        return process
+
+    def run(self, *args, timeout=60):
+        """Run a demo to its end; return it as subprocess.run would."""
+        process = self.start(*args, stderr=subprocess.PIPE)
+        try:
+            out, err = process.communicate(timeout=timeout)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+    def left(self):
+        """The namespaces this test's demos made that still exist."""
+        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        ours = tuple("%s%d-" % (simpletun.DEMO_PREFIX, pid) for pid in self.pids)
+        return [line.split()[0] for line in listing.splitlines() if line.startswith(ours)]
 
 
 @pytest.fixture
 def clean_demo(tmp_path):
-    """Root and ip for --demo; afterwards remove whatever a failed demo left (our own names only)."""
+    """Root and ip for --demo; afterwards remove whatever this test's demos left (theirs only)."""
     reason = netns_unavailable()
     if reason:
         skip_or_fail(reason)
-    before = set(demo_namespaces())
-    yield
-    for name in set(demo_namespaces()) - before:
+    demos = Demos()
+    yield demos
+    for name in demos.left():
         subprocess.run(["ip", "netns", "del", name])
 
 
@@ -1093,7 +1120,7 @@ def test_demo_shows_pings_crossing_and_leaves_nothing_behind(clean_demo, mode, d
     stale = "%s%d-s" % (simpletun.DEMO_PREFIX, dead.pid)
     subprocess.run(["ip", "netns", "add", stale], check=True)
 
-    result = run_script("--demo", *mode, timeout=60)
+    result = clean_demo.run(*mode, timeout=60)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "removed %s, left behind by an earlier demo" % stale in out
@@ -1105,7 +1132,7 @@ def test_demo_shows_pings_crossing_and_leaves_nothing_behind(clean_demo, mode, d
     if mode:
         assert re.search(r"^ *[\d.]+ server *\| NET2TAP \d+: ARP who-has 10\.0\.0\.1 tell 10\.0\.0\.2", out, re.M)
     assert "server| Configured %s: address 10.0.0.1/24, up" % device in out
-    assert demo_namespaces() == []
+    assert clean_demo.left() == []
     assert "demo  | all %d echo requests crossed the tunnel" % simpletun.DEMO_PINGS in out
 
 
@@ -1113,8 +1140,7 @@ def test_demo_shows_pings_crossing_and_leaves_nothing_behind(clean_demo, mode, d
 def test_demo_interrupted_by_ctrl_c_to_its_process_group_cleans_up_and_exits_1(clean_demo):
     # Regression: a terminal's Ctrl-C (SIGINT to the whole group) printed the children's
     # tracebacks and lost the server's summary line.
-    demo = subprocess.Popen([sys.executable, "-u", SCRIPT, "--demo"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    demo = clean_demo.start(start_new_session=True)
     seen = []
     for line in demo.stdout:
         seen.append(line)
@@ -1128,7 +1154,7 @@ def test_demo_interrupted_by_ctrl_c_to_its_process_group_cleans_up_and_exits_1(c
     assert re.search(r"client\| simpletun.py: tun0: TAP2NET \d+ packets", out), out
     assert "Traceback" not in out
     assert "removed both namespaces" in out
-    assert demo_namespaces() == []
+    assert clean_demo.left() == []
 
 
 def test_demo_without_ip_says_what_it_needs():
@@ -2037,7 +2063,7 @@ def assert_causal_order(timeline):
 @pytest.mark.parametrize("mode", [[], ["-a"], ["-ddd"], ["-a", "--offload"]])
 def test_demo_timeline_is_one_line_per_event_in_causal_order(clean_demo, mode):
     for _ in range(3 if len(mode) < 2 else 1):
-        result = run_script("--demo", *mode, timeout=60)
+        result = clean_demo.run(*mode, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
         timeline = timeline_of(result.stdout)
         assert_causal_order(timeline)
@@ -2065,8 +2091,7 @@ class LineReader:
 
 @pytest.mark.netns
 def test_demo_keep_stays_up_streams_the_timeline_and_cleans_up_on_sigterm(clean_demo):
-    demo = subprocess.Popen([sys.executable, "-u", SCRIPT, "--demo", "--keep", "-dd"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    demo = clean_demo.start("--keep", "-dd", start_new_session=True)
     try:
         out = LineReader(demo)
         out.wait_for("the tunnel stays up until Ctrl-C")
@@ -2087,25 +2112,25 @@ def test_demo_keep_stays_up_streams_the_timeline_and_cleans_up_on_sigterm(clean_
     assert status == 0, out.text()
     out.wait_for("removed both namespaces")
     assert "Traceback" not in out.text()
-    assert demo_namespaces() == []
+    assert clean_demo.left() == []
 
 
 @pytest.mark.netns
 def test_demo_cable_that_loses_every_packet_keeps_the_client_out_and_says_how(clean_demo):
     method = simpletun.lossy_cable_method(100, 0)
-    result = run_script("--demo", "--loss", "100", timeout=60)
+    result = clean_demo.run("--loss", "100", timeout=60)
     assert result.returncode == 1
     assert "the cable loses 100 %% of packets each way (%s)" % method in result.stdout
     assert "the demo's client did not come up" in result.stderr
-    assert demo_namespaces() == []
+    assert clean_demo.left() == []
 
 
 @pytest.mark.netns
 def test_demo_with_a_lossy_cable_reports_the_outer_retransmissions(clean_demo):
-    result = run_script("--demo", "--loss", "5", timeout=60)
+    result = clean_demo.run("--loss", "5", timeout=60)
     assert re.search(r"the tunnel's own TCP connection retransmitted \d+ segment\(s\) from the client, \d+ from "
                      r"the server", result.stdout), result.stdout
-    assert demo_namespaces() == []
+    assert clean_demo.left() == []
 
 
 def test_demo_says_in_one_line_what_a_lossy_cable_needs(tmp_path):
@@ -2134,7 +2159,7 @@ def test_demo_delay_needs_netem_and_says_so_where_the_kernel_has_none():
 
 @pytest.mark.netns
 def test_demo_bench_prints_the_underlay_and_the_tunnel_side_by_side(clean_demo):
-    result = run_script("--demo", "--bench", timeout=120)
+    result = clean_demo.run("--bench", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     row = re.search(r"TCP client -> server \(Mbit/s\) +([\d.]+) +([\d.]+) +x ([\d.]+)", result.stdout)
     assert row, result.stdout
@@ -2143,7 +2168,7 @@ def test_demo_bench_prints_the_underlay_and_the_tunnel_side_by_side(clean_demo):
     for direction in ("client -> server", "server -> client"):
         ping_row = re.search(r"ping %s \(ms\) +([\d.]+) +([\d.]+) +\+" % direction, result.stdout)
         assert ping_row and 0 < float(ping_row.group(1)) and 0 < float(ping_row.group(2))
-    assert demo_namespaces() == []
+    assert clean_demo.left() == []
 
 
 @pytest.mark.parametrize("args, reason", [
@@ -2493,7 +2518,7 @@ def test_udp_client_that_sends_nothing_says_still_here_every_second():
 @pytest.mark.netns
 @pytest.mark.parametrize("mode", [[], ["-a"]])
 def test_demo_lan_pings_a_host_behind_the_server_through_the_tunnel(clean_demo, mode):
-    result = run_script("--demo", "--lan", *mode, timeout=60)
+    result = clean_demo.run("--lan", *mode, timeout=60)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "demo  | client: ip route add 10.1.0.0/24 via 10.0.0.1" in out
@@ -2503,12 +2528,12 @@ def test_demo_lan_pings_a_host_behind_the_server_through_the_tunnel(clean_demo, 
                                   ("server", "TAP2NET", "10.1.0.2 > 10.0.0.2 ICMP echo-reply")):
         assert re.search(r"^ *[\d.]+ %s *\| %s \d+: IPv4 %s" % (side, direction, what), out, re.M), what
     assert "reply from 10.1.0.2: icmp_seq=%d" % simpletun.DEMO_PINGS in out
-    assert "removed all three namespaces" in out and demo_namespaces() == []
+    assert "removed all three namespaces" in out and clean_demo.left() == []
 
 
 @pytest.mark.netns
 def test_demo_two_writes_shows_the_receiver_getting_the_length_alone(clean_demo):
-    result = run_script("--demo", "--two-writes", timeout=60)
+    result = clean_demo.run("--two-writes", timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     # The length went at once; Nagle held the packet until the length was acknowledged.
     assert re.search(r"server\| NET2TAP: a receive brought 2 bytes from TCP: 0 whole frame\(s\); 2 of the next "
@@ -2518,7 +2543,7 @@ def test_demo_two_writes_shows_the_receiver_getting_the_length_alone(clean_demo)
 
 @pytest.mark.netns
 def test_demo_udp_crosses_in_datagrams(clean_demo):
-    result = run_script("--demo", "--udp", timeout=60)
+    result = clean_demo.run("--udp", timeout=60)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "Configured tun0: MTU 1452, address 10.0.0.1/24, up" in out
@@ -2529,8 +2554,7 @@ def test_demo_udp_crosses_in_datagrams(clean_demo):
 
 @pytest.mark.netns
 def test_demo_kept_without_d_is_quiet(clean_demo):
-    demo = subprocess.Popen([sys.executable, "-u", SCRIPT, "--demo", "--keep"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    demo = clean_demo.start("--keep", start_new_session=True)
     try:
         out = LineReader(demo)
         out.wait_for("the tunnel stays up until Ctrl-C")
@@ -2543,7 +2567,7 @@ def test_demo_kept_without_d_is_quiet(clean_demo):
     assert not re.search(r"(TAP2NET|NET2TAP) \d+:", out.text())  # no line per packet
     # a baseline for lab 7: the outer retransmissions are counted on a cable that loses nothing too
     assert re.search(r"the tunnel's own TCP connection retransmitted \d+ segment\(s\) from the client", out.text())
-    assert demo_namespaces() == []
+    assert clean_demo.left() == []
 
 
 def test_udp_packet_this_host_will_not_send_is_one_line_counted_and_the_tunnel_goes_on(caplog):
@@ -2582,11 +2606,12 @@ def test_udp_client_survives_a_server_restart_without_being_restarted(lab):
 
 @pytest.mark.netns
 def test_demo_whose_reader_goes_away_still_cleans_up(clean_demo):
-    result = subprocess.run("%s %s --demo | head -3; exit ${PIPESTATUS[0]}" % (sys.executable, SCRIPT),
-                            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
-    assert len(result.stdout.splitlines()) == 3
-    assert result.returncode == 0 and "Error" not in result.stderr, result.stderr
-    assert demo_namespaces() == []
+    demo = clean_demo.start(stderr=subprocess.PIPE)
+    head = subprocess.run(["head", "-3"], stdin=demo.stdout, capture_output=True, text=True, timeout=60)
+    demo.stdout.close()  # as a shell's pipe: only head reads the demo's output
+    assert demo.wait(60) == 0 and "Error" not in demo.stderr.read()
+    assert len(head.stdout.splitlines()) == 3
+    assert clean_demo.left() == []
 
 
 def test_udp_socket_buffers_hold_a_burst():
