@@ -402,7 +402,9 @@ def main(argv=None):
 # =======================================================================================
 
 import collections  # noqa: E402 -- the extras' own imports: the tunnel above needs none of them
+import hashlib  # noqa: E402
 import heapq  # noqa: E402
+import hmac  # noqa: E402
 import ipaddress  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -1079,6 +1081,7 @@ class Lines(logging.Handler):
         self.stream = stream or sys.stderr
         self.debug, self.tap, self.offload, self.stamps = args.debug, args.tap, args.offload, args.timestamps
         self.header, self.device, self.udp = OFFLOAD_HEADER if args.offload else HEADER, args.iface, args.udp
+        self.key = args.key
         self.arrived = None  # when the last packet came from the network (see stamp())
         self.quiet_until, self.unsaid = 0, 0  # refusals not printed (see QUIET_TIME)
         self.told_tap = False  # the original's "tap interface" was explained once
@@ -1110,7 +1113,8 @@ class Lines(logging.Handler):
         if self.debug < 2:
             return [text]
         if record.msg == "TAP2NET %d: Written %d bytes to the network":
-            return [text + (" (one datagram: no length in front, a datagram keeps its own)" if self.udp else
+            return [text + (" (one datagram: no length in front, a datagram keeps its own%s)" % (
+                ", with its 8-byte number and 16-byte tag" if self.key else "") if self.udp else
                             " (%d with its %d-byte length)" % (args[1] + self.header.size, self.header.size))]
         if packet is None:
             return [text]
@@ -1337,103 +1341,255 @@ def describe_offloaded(packet, tap):
     return "%s; %s: %d segments of %d" % (text, kind, -(-payload // gso_size), gso_size)
 
 
-# ---- 7. One packet per datagram (--udp): DatagramLink, udp_socket() --------------------------
+# ---- 7. One packet per datagram (--udp, --key): DatagramLink, udp_socket(), UdpClock -------
 #      A Link that relay() drives as it is: each queued packet goes as one datagram (a datagram
-#      keeps its own length), and each datagram received gets a length in front, for cut(). No
-#      stream, so no TCP over TCP: a lost datagram is repaired, if at all, by the connections inside.
-#      No connection either: the server serves the sender of the first plausible packet (the
-#      waiting room's test), drops everyone else's, and lets another sender in only once its client
-#      has been silent UDP_SILENCE s; an idle client's selector (Heartbeat) says "still here".
+#      keeps its own length), and each datagram received is one packet for cut(). No stream, so no
+#      TCP over TCP: a lost datagram is repaired, if at all, by the connections inside. Runs of
+#      equal-size packets go in one system call (UDP_SEGMENT), and the kernel hands over runs of
+#      datagrams at once (UDP_GRO): on the wire each packet is still one datagram.
+#      Without --key the peer may be any program that sends one packet per datagram (the VPN lab's
+#      relays write every datagram to their device): we send it packets only. The server serves
+#      the sender of the first plausible packet and lets another sender in only once its client has
+#      been silent UDP_SILENCE s. With --key every datagram carries a number and a keyed MAC of
+#      it and the packet (BLAKE2b): only key holders are served, the newest at once, nothing is
+#      replayed, and both ends say "still here" every UDP_HEARTBEAT s. Packets still cross in clear.
 
-UDP_SILENCE = 3  # seconds a server's client must be silent before another address may take its place
-UDP_HEARTBEAT = 1  # seconds a client may send nothing before it says "still here"
+UDP_SILENCE = 3  # seconds: a silent client may lose its slot; a client that hears nothing says so
+UDP_HEARTBEAT = 1  # --key: seconds an end may send nothing before it says "still here"
 MAX_STRANGERS = 1024  # addresses whose dropped datagrams are counted one by one (each is named once)
 UDP_MTU = 1500 - 40 - 8  # the device MTU whose packets fit one datagram on a 1500-byte cable (IPv6+UDP)
 UDP_BUFFER = 4 << 20  # bytes of socket buffer each way: a burst of datagrams waits there, not dropped
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h: past net.core.[wr]mem_max, as root
+SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104  # linux/udp.h (Linux 4.18 and 5.0): runs of datagrams
+MAX_SEGMENTS, SEGMENTS_BYTES = 64, 65000  # the most datagrams one send may carry, and their bytes
+GRO_SPACE = socket.CMSG_SPACE(4)  # room for the kernel's note of a run's datagram size (an int)
+NUMBER = struct.Struct("!Q")  # --key: each datagram's number, before the packet
+TAG_SIZE = 16  # --key: the keyed BLAKE2b tag after the packet, over the number and the packet
+KEY_OVERHEAD = NUMBER.size + TAG_SIZE
+REPLAY_WINDOW = 1024  # --key: how far behind the newest number a late datagram is still taken
+
+
+def read_key(path):
+    """--key FILE: the shared secret, refused if others may read it (as ssh refuses a private key)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                raise UserError("--key %s: others may read it; a secret must be yours alone: chmod 600 %s"
+                                % (path, path))
+            secret = f.read()
+    except OSError as err:
+        raise UserError("--key %s: %s" % (path, err.strerror)) from None
+    if len(secret) < 16:
+        raise UserError("--key %s: %d bytes is too short a secret; make one of 32 random bytes: "
+                        "head -c 32 /dev/urandom > %s" % (path, len(secret), path))
+    return hashlib.blake2b(secret, digest_size=32).digest()  # any length of file: one 32-byte key
 
 
 class DatagramLink(Link):
     """A Link over UDP: each packet one datagram. A server's (peer None) learns its client."""
 
-    def __init__(self, sock, address, tap, peer=None):
+    def __init__(self, sock, address, tap, peer=None, key=None, batches=False):
         super().__init__(sock, address)
-        self.tap, self.peer = tap, peer
+        self.tap, self.peer, self.key, self.client = tap, peer, key, peer is not None
+        self.segments = MAX_SEGMENTS if batches else 1
+        self.unbatched = MAX_PACKET + 1  # packets this big or bigger are sent one per call (see send_queued)
         self.heard_at = self.sent_at = 0  # when the peer last sent a datagram; when we last did
-        self.told = False  # "nothing answers" (client) or "no client yet" (server) was said
+        self.unanswered = None  # client: since when what we sent has had no answer
+        self.told = set()  # what was said once: "no client", "unanswered", "silent", "malformed"
         # senders named (at most MAX_STRANGERS), datagrams dropped, packets this host would not send
-        self.strangers, self.dropped, self.unsent = set(), 0, 0
+        self.strangers, self.dropped, self.unsent, self.malformed = set(), 0, 0, 0
+        self.packets = []  # what the last receive kept for cut(): views of the buffer
+        # --key: our next number (from the clock: a restarted end goes on above its old numbers);
+        # the newest number received and a bit for each of the REPLAY_WINDOW before it
+        self.number, self.newest, self.seen = time.time_ns(), 0, 0
+        ours, theirs = (b"client", b"server") if self.client else (b"server", b"client")
+        self.seal_person, self.open_person = ours + b" to " + theirs, theirs + b" to " + ours
+
+    def filter(self, record):
+        """A server with no client yet: no "Written ... to the network" line for a packet going nowhere."""
+        return self.peer is not None or not record.msg.endswith("to the network")
+
+    # -- sending ----------------------------------------------------------------------------
 
     def send_queued(self):
-        """Send each queued packet as one datagram, without its length (no peer yet: drop them)."""
-        if self.peer is None and not self.told:
-            self.told = True
+        """Send each queued packet as one datagram, a run of one size per call (no peer yet: drop them)."""
+        if self.peer is None and "no client" not in self.told:
+            self.told.add("no client")
             log.warning("SERVER: no client yet: what the device hands over is dropped until one sends")
         start = 0 if self.peer else len(self.out)
         with memoryview(self.out) as out:
             while start < len(out):
-                (length,) = HEADER.unpack_from(out, start)
+                run, end = self.next_run(out, start)
                 try:
-                    self.sock.sendto(out[start + HEADER.size:start + HEADER.size + length], self.peer)
+                    self.send_run(run)
                 except self.would_block:  # the socket buffer is full: select() says when it drains
                     break
                 except ConnectionRefusedError:  # the ICMP answer to an earlier datagram
                     self.say_unanswered()
-                except OSError as err:  # dropped on this host (a firewall: EPERM), or too big (EMSGSIZE)
-                    self.unsent += 1
-                    if self.unsent == 1:
+                except OSError as err:
+                    if err.errno in (errno.EINVAL, errno.EMSGSIZE) and len(run) > 1:  # each of a run must fit
+                        self.unbatched = len(run[0])  # the path's MTU: these go one by one, in fragments
+                        continue
+                    self.unsent += len(run)  # dropped on this host (a firewall: EPERM), or too big (EMSGSIZE)
+                    if self.unsent == len(run):
                         log.warning("a datagram to %s was not sent: %s; such packets are lost, and counted",
                                     self.address, err.strerror)
-                start += HEADER.size + length
+                start = end
+            run = None  # (views of the queue: they must go before the queue can change)
         if start and self.peer:
             self.sent_at = time.monotonic()
+            if self.unanswered is None:
+                self.unanswered = self.sent_at
         del self.out[:start]
 
+    def next_run(self, out, start):
+        """The queued packets from `start` that one send carries: the same size, but the last may be
+        smaller (UDP_SEGMENT cuts at one size); return them and where the next run starts."""
+        run, most = [], 1
+        while start < len(out) and len(run) < most:
+            (length,) = HEADER.unpack_from(out, start)
+            if not run and length < self.unbatched:
+                most = min(self.segments, SEGMENTS_BYTES // (length + KEY_OVERHEAD))
+            elif run and (length > len(run[0]) or len(run[-1]) < len(run[0])):
+                break
+            run.append(out[start + HEADER.size:start + HEADER.size + length])
+            start += HEADER.size + length
+        return run, start
+
+    def send_run(self, run):
+        """Send packets of one size as datagrams in one call: the kernel cuts them (UDP_SEGMENT)."""
+        pieces = [piece for packet in run for piece in self.seal(packet)] if self.key else run
+        size = len(run[0]) + (KEY_OVERHEAD if self.key else 0)
+        cut = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))] if len(run) > 1 else []
+        self.sock.sendmsg(pieces, cut, 0, self.peer)
+
+    def seal(self, packet):
+        """--key: a datagram's pieces: its number, the packet, and the tag over both."""
+        self.number += 1
+        number = NUMBER.pack(self.number)
+        tag = hashlib.blake2b(number, key=self.key, digest_size=TAG_SIZE, person=self.seal_person)
+        tag.update(packet)
+        return number, packet, tag.digest()
+
+    # -- receiving --------------------------------------------------------------------------
+
     def receive(self):
-        """Take the datagrams waiting, each behind a 2-byte length for cut(); None if none is for us."""
+        """Take the datagrams waiting; keep the packets from our peer for cut(); None if none is."""
+        self.packets.clear()
         end, now = 0, time.monotonic()
         for _ in range(MAX_BATCH):
-            if len(self.buffer) - end < HEADER.size + MAX_PACKET:
+            if len(self.buffer) - end <= MAX_PACKET:
                 break
             try:
-                size, sender = self.sock.recvfrom_into(self.view[end + HEADER.size:])
+                size, notes, _, sender = self.sock.recvmsg_into([self.view[end:]], GRO_SPACE)
             except self.would_block:
                 break
             except ConnectionRefusedError:
                 self.say_unanswered()
                 continue
-            if self.admits(sender, self.view[end + HEADER.size:end + HEADER.size + size], now):
-                HEADER.pack_into(self.buffer, end, size)
-                end += HEADER.size + size
-        return end or None  # never 0: a datagram socket has no end of stream
+            step = next((struct.unpack("=i", data)[0] for _, kind, data in notes if kind == UDP_GRO), 0)
+            for start in range(end, end + size, step or size or 1):  # a run: datagrams of one size
+                packet = self.admitted(sender, self.view[start:min(end + size, start + (step or size))], now)
+                if packet:
+                    self.packets.append(packet)
+            end += size
+        return len(self.packets) or None  # never 0: a datagram socket has no end of stream
 
-    def admits(self, sender, packet, now):
-        """True if a datagram carries a packet from our peer. A server takes a new peer's first
-        plausible packet while it has none, or its client has been silent UDP_SILENCE s."""
-        if sender == self.peer:
-            self.heard_at, self.told = now, False
-            return len(packet) > 0  # an empty one is a client's heartbeat: nothing to write
-        if not packet:  # a heartbeat from a client not served yet (or noise): nothing to write
-            return False
-        why = packet_mismatch(packet, len(packet), self.tap)
-        if not why and self.peer and now - self.heard_at < UDP_SILENCE:
-            why = "it sent a packet, but %s is being served" % self.address
-        if why:
-            self.dropped += 1
-            if sender not in self.strangers and len(self.strangers) < MAX_STRANGERS:
-                self.strangers.add(sender)
-                log.warning("SERVER: dropping datagrams from %s: %s (counted, not logged again)",
-                            udp_address(sender), why)
-            return False
-        log.warning("SERVER: serving %s%s", udp_address(sender), "" if self.peer is None else
-                    " (%s was silent for %d s)" % (self.address, now - self.heard_at))
-        self.peer, self.address, self.heard_at = sender, udp_address(sender), now
-        return True
+    def cut(self, count):
+        """The packets the last receive kept: a datagram is one packet, there is nothing to cut."""
+        return self.packets
+
+    def admitted(self, sender, datagram, now):
+        """The packet a datagram carries if it is from our peer (empty: "still here"), else None.
+        Without --key, a server takes a new peer's first plausible packet while it has none, or
+        once its client has been silent UDP_SILENCE s; with --key, the newest key holder at once."""
+        packet = self.opened(datagram) if self.key else datagram
+        if packet is None:
+            return self.drop(sender, "no valid --key tag: it runs with another key, or without --key "
+                                     "(or it replays old datagrams)")
+        if sender != self.peer:
+            if not self.key:
+                if not packet:  # a heartbeat of a --key end, or noise: nothing to write
+                    return None
+                why = packet_mismatch(packet, len(packet), self.tap)
+                why = why and self.keyed_peer(packet) or why
+                if not why and self.peer and now - self.heard_at < UDP_SILENCE:
+                    why = "it sent a packet, but %s is being served" % self.address
+                if why:
+                    return self.drop(sender, why)
+            log.warning("SERVER: serving %s%s", udp_address(sender), "" if self.peer is None else
+                        " (%s was silent for %d s)" % (self.address, now - self.heard_at) if not self.key else
+                        " (it holds the key; %s no longer has the slot)" % self.address)
+            self.peer, self.address = sender, udp_address(sender)
+        self.heard_at, self.unanswered = now, None
+        self.told.discard("unanswered")
+        self.told.discard("silent")
+        if packet and not self.tap and not looks_like_ip(packet, len(packet)):
+            self.malformed += 1  # cut short by a peer's small buffer, or garbage: the kernel would drop it
+            if "malformed" not in self.told:
+                self.told.add("malformed")
+                log.warning("%s sent a datagram that is no whole IP packet (%d bytes; its IP header says "
+                            "otherwise): not written; such datagrams are counted", self.address, len(packet))
+            return None
+        return packet
+
+    def opened(self, datagram):
+        """--key: the packet inside a datagram whose tag is right and whose number is new, else None."""
+        if len(datagram) < KEY_OVERHEAD:
+            return None
+        tag = hashlib.blake2b(datagram[:-TAG_SIZE], key=self.key, digest_size=TAG_SIZE,
+                              person=self.open_person).digest()
+        if not hmac.compare_digest(tag, datagram[-TAG_SIZE:]):
+            return None
+        (number,) = NUMBER.unpack_from(datagram)
+        if number > self.newest:  # the newest yet: the window moves on
+            shift = number - self.newest
+            self.seen = (self.seen << shift | 1) & ((1 << REPLAY_WINDOW) - 1) if shift < REPLAY_WINDOW else 1
+            self.newest = number
+        elif self.newest - number >= REPLAY_WINDOW or self.seen >> (self.newest - number) & 1:
+            return None  # too old to tell, or taken before: a replay
+        else:
+            self.seen |= 1 << (self.newest - number)
+        return datagram[NUMBER.size:-TAG_SIZE]
+
+    def keyed_peer(self, packet):
+        """Without --key: why a datagram that holds a plausible packet between a number and a tag is
+        not taken (None if it does not)."""
+        inner = packet[NUMBER.size:-TAG_SIZE]
+        if len(packet) > KEY_OVERHEAD and not packet_mismatch(inner, len(inner), self.tap):
+            return "it runs with --key, this end without: give both ends the same --key FILE"
+        return None
+
+    def drop(self, sender, why):
+        """Drop a datagram that is not our peer's: name its sender once (at most MAX_STRANGERS), count it."""
+        self.dropped += 1
+        if sender not in self.strangers and len(self.strangers) < MAX_STRANGERS:
+            self.strangers.add(sender)
+            log.warning("%s: dropping datagrams from %s: %s (counted, not logged again)",
+                        "CLIENT" if self.client else "SERVER", udp_address(sender), why)
+        return None
+
+    # -- time: what an end says, or sends, when nothing happens --------------------------------
+
+    def tick(self, now):
+        """Say "still here" (--key) after UDP_HEARTBEAT s without sending; a client that has heard
+        nothing for UDP_SILENCE s says so, once. Return the seconds until the next tick."""
+        if self.key and self.peer and now - self.sent_at >= UDP_HEARTBEAT and not self.out:
+            self.out += HEADER.pack(0)  # an empty packet, numbered and tagged: only a key holder takes it
+            self.send_queued()
+        if self.client and self.unanswered and now - self.unanswered >= UDP_SILENCE and \
+                not self.told & {"silent", "unanswered"}:
+            self.told.add("silent")
+            log.warning("CLIENT: nothing has come back from %s for %g s: does the server run with --udp, "
+                        "in this mode (%s)%s? Its log says which (or nothing inside the tunnel answers)",
+                        self.address, UDP_SILENCE, "-a" if self.tap else "-u",
+                        ", with the same --key" if self.key else ", without --key")
+        return UDP_HEARTBEAT if self.key else UDP_SILENCE
 
     def say_unanswered(self):
         """Client: the server's host answered with ICMP port unreachable. Say so once per silence."""
-        if not self.told:
-            self.told = True
+        if "unanswered" not in self.told:
+            self.told.add("unanswered")
             log.warning("CLIENT: nothing answers at %s port %d (ICMP port unreachable): is the server "
                         "running, with --udp? The client goes on, and its packets are lost until it is",
                         self.address, self.peer[1])
@@ -1441,27 +1597,25 @@ class DatagramLink(Link):
     def close(self):
         """Say how many datagrams were dropped, then close."""
         if self.dropped:
-            log.warning("SERVER: dropped %d datagram(s) from %d%s other sender(s)", self.dropped,
-                        len(self.strangers), " or more" if len(self.strangers) == MAX_STRANGERS else "")
-        if self.unsent:
-            log.warning("%d packet(s) could not be sent", self.unsent)
+            log.warning("%s: dropped %d datagram(s) from %d%s other sender(s)", "CLIENT" if self.client
+                        else "SERVER", self.dropped, len(self.strangers),
+                        " or more" if len(self.strangers) == MAX_STRANGERS else "")
+        for count, what in ((self.unsent, "could not be sent"), (self.malformed, "were no whole packets")):
+            if count:
+                log.warning("%d packet(s) %s", count, what)
+        log.removeFilter(self)
         super().close()
 
 
-class Heartbeat(selectors.DefaultSelector):
-    """The --udp client's selector: waits as the loop asks, but beats every UDP_HEARTBEAT s."""
+class UdpClock(selectors.DefaultSelector):
+    """The --udp selector: waits as the loop asks, but not past the link's next tick()."""
 
     def __init__(self, link):
         super().__init__()
         self.link = link
 
     def select(self, timeout=None):
-        due = self.link.sent_at + UDP_HEARTBEAT - time.monotonic()
-        if due <= 0:
-            if not self.link.out:  # an empty datagram: "still here" (if no server is, ICMP says so)
-                self.link.out += HEADER.pack(0)
-                self.link.send_queued()
-            due = UDP_HEARTBEAT
+        due = self.link.tick(time.monotonic())
         return super().select(due if timeout is None else min(due, timeout))
 
 
@@ -1470,9 +1624,9 @@ def udp_address(address):
     return "%s port %d" % (plain_address(address[0]), address[1])
 
 
-def udp_socket(args):
+def udp_socket(args, key=None):
     """--udp: the server's socket, bound to the port; or the client's, connected to the server (so
-    the kernel hands it only the server's datagrams, and ICMP errors)."""
+    the kernel hands it only the server's datagrams, and ICMP errors). Return its DatagramLink."""
     try:
         if args.client:
             family, _, _, _, address = socket.getaddrinfo(args.client, args.port, type=socket.SOCK_DGRAM)[0]
@@ -1489,14 +1643,25 @@ def udp_socket(args):
             log.info("SERVER: listening on UDP port %d", args.port)
     except OSError as err:  # socket.gaierror too
         at = args.client or args.bind or "every address"
-        raise UserError("cannot use UDP port %d on %s: %s" % (args.port, at, err.strerror or err)) from None
+        raise UserError("cannot use UDP port %d on %s: %s" % (args.port, at, os.strerror(err.errno)
+                                                                if err.errno else err)) from None
     sock.setblocking(False)
     for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER)
         except PermissionError:  # not root: as much as net.core.[wr]mem_max allows
             sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER)
-    return DatagramLink(sock, args.client or "", args.tap, sock.getpeername() if args.client else None)
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        batches = True
+    except OSError:
+        batches = False
+        log.debug("this kernel cannot hand over runs of datagrams (UDP_GRO, Linux 5.0): one per call")
+    link = DatagramLink(sock, args.client or "", args.tap, sock.getpeername() if args.client else None,
+                        key, batches)
+    if not args.client:
+        log.addFilter(link)  # until close(): see filter()
+    return link
 
 
 # ---- 8. The whole tunnel on one machine: demo(), Timeline, ping(), the lossy cable, the bench ---
@@ -1726,7 +1891,8 @@ def demo(args):
     ns = {side: "%s%d-%s" % (DEMO_PREFIX, os.getpid(), side[0]) for side in sides}
     level = 0 if args.bench else args.debug or (0 if args.keep else 2)  # kept: quiet unless asked
     options = ["-i", device] + (["-" + "d" * level] if level else []) + (["-a"] if args.tap else []) + \
-        (["--tls", os.path.abspath(args.tls)] if args.tls else []) + \
+        [option for flag in ("tls", "key") if getattr(args, flag)
+         for option in ("--" + flag, os.path.abspath(getattr(args, flag)))] + \
         ["--" + flag.replace("_", "-") for flag in ("offload", "udp", "two_writes") if getattr(args, flag)]
     ends = {"server": options + ["-s", "--addr", DEMO_TUNNEL["server"]],
             "client": options + ["-c", host_of(DEMO_UNDERLAY["server"]), "--addr", DEMO_TUNNEL["client"]]}
@@ -1765,7 +1931,7 @@ def demo(args):
         timeline.pump(lambda: pinger.poll() is not None)
         crossed = pinger.returncode == 0
         if args.bench:
-            bench(ns, timeline, mode)
+            bench(ns, timeline, mode + (" over UDP" if args.udp else ""))
         if args.keep:
             timeline.say(keep_instructions(ns, target, "udp" if args.udp else "tcp"))
             timeline.pump()  # until Ctrl-C or SIGTERM
@@ -1967,6 +2133,9 @@ def parse_args(argv=None):
     parser.add_argument("--bind", metavar="ADDR", help="server: listen on this address only (default: all)")
     parser.add_argument("--udp", action="store_true", help="carry each packet as one UDP datagram (no TCP "
                         "over TCP); both ends need it, and a C simpletun peer has no such mode")
+    parser.add_argument("--key", metavar="FILE", help="with --udp: sign every datagram with the secret in "
+                        "FILE (both ends hold the same; make one: head -c 32 /dev/urandom > FILE): only a "
+                        "key holder is served, nothing is replayed; packets still cross in clear")
     parser.add_argument("--two-writes", action="store_true", help="send as the C original does, to see its "
                         "40 ms stall: length and packet in two sends, Nagle on (still wire-compatible)")
     parser.add_argument("--offload", action="store_true",
@@ -1976,7 +2145,7 @@ def parse_args(argv=None):
     demo.add_argument("--demo", action="store_true",
                       help="show the whole tunnel on this machine: two network namespaces, a server, "
                            "a client and pings through the tunnel, then clean up (root; with -a: tap; "
-                           "-d/-ddd, --tls FILE, --offload, --udp, --two-writes go to both ends)")
+                           "-d/-ddd, --tls FILE, --offload, --udp, --key FILE, --two-writes go to both ends)")
     demo.add_argument("--keep", action="store_true", help="keep the demo's hosts and tunnel up until Ctrl-C "
                       "(quiet unless -d/-dd is given)")
     demo.add_argument("--lan", action="store_true", help="add a third host on a LAN behind the server, and "
@@ -1998,12 +2167,14 @@ def parse_args(argv=None):
                       ("two_writes", "it is about TCP: a datagram has no length to send apart")):
         if args.udp and getattr(args, flag):
             parser.error("--udp cannot go with --%s (%s)" % (flag.replace("_", "-"), why))
+    if args.key and not args.udp:
+        parser.error("--key is for --udp (over TCP, --tls proves who the peer is, and encrypts too)")
     if args.tls_peer and not args.tls:
         parser.error("--tls-peer needs --tls FILE (this end's certificate and key)")
     if args.demo:
         if args.iface or args.server or args.client or args.addr or args.tls_peer or args.bind or args.mtu:
             parser.error("--demo sets up both ends itself: it takes only -a, -d, --tls, --offload, --udp, "
-                         "--two-writes, --lan, --keep, --loss, --delay and --bench")
+                         "--key, --two-writes, --lan, --keep, --loss, --delay and --bench")
         return args
     for flag in ("keep", "lan", "loss", "delay", "bench"):
         if getattr(args, flag):
@@ -2053,13 +2224,12 @@ def extended_end(args):
         log.debug("Successfully connected to interface %s", tunnel.name)
         mtu = args.mtu
         if args.udp and args.addr and not mtu:  # a packet that fits one datagram on a 1500-byte cable
-            mtu = UDP_MTU - (ETHERNET.size if args.tap else 0)
+            mtu = UDP_MTU - (ETHERNET.size if args.tap else 0) - (KEY_OVERHEAD if args.key else 0)
         if args.addr or mtu:
             configure_device(tunnel.name, args.addr, mtu)
-        if args.udp:  # one loop until the end: a client's selector beats for it
-            link = udp_socket(args)
-            selector = Heartbeat(link) if args.client else selectors.DefaultSelector()
-            with contextlib.closing(link), selector:
+        if args.udp:  # one loop until the end: its selector keeps the link's time
+            link = udp_socket(args, read_key(args.key) if args.key else None)
+            with contextlib.closing(link), UdpClock(link) as selector:
                 relay_until_closed(tunnel, link, "CLIENT" if args.client else "SERVER", selector)
                 return 1  # a datagram link has no orderly end: it ends only when it breaks
         if args.client:
