@@ -1366,7 +1366,8 @@ GRO_SPACE = socket.CMSG_SPACE(4)  # room for the kernel's note of a run's datagr
 NUMBER = struct.Struct("!Q")  # --key: each datagram's number, before the packet
 TAG_SIZE = 16  # --key: the keyed BLAKE2b tag after the packet, over the number and the packet
 KEY_OVERHEAD = NUMBER.size + TAG_SIZE
-REPLAY_WINDOW = 1024  # --key: how far behind the newest number a late datagram is still taken
+REPLAY_WINDOW = 64  # --key: how far behind the newest number a late datagram is still taken (as IPsec)
+REPLAY_MASK = (1 << REPLAY_WINDOW) - 1  # the window's bits
 
 
 def read_key(path):
@@ -1402,8 +1403,10 @@ class DatagramLink(Link):
         # --key: our next number (from the clock: a restarted end goes on above its old numbers);
         # the newest number received and a bit for each of the REPLAY_WINDOW before it
         self.number, self.newest, self.seen = time.time_ns(), 0, 0
+        # --key: the keyed MAC, one for each direction: a datagram sent back to its sender fails
         ours, theirs = (b"client", b"server") if self.client else (b"server", b"client")
-        self.seal_person, self.open_person = ours + b" to " + theirs, theirs + b" to " + ours
+        self.sealer, self.opener = (key and hashlib.blake2b(key=key, digest_size=TAG_SIZE, person=person)
+                                    for person in (ours + b" to " + theirs, theirs + b" to " + ours))
 
     def filter(self, record):
         """A server with no client yet: no "Written ... to the network" line for a packet going nowhere."""
@@ -1458,7 +1461,7 @@ class DatagramLink(Link):
 
     def send_run(self, run):
         """Send packets of one size as datagrams in one call: the kernel cuts them (UDP_SEGMENT)."""
-        pieces = [piece for packet in run for piece in self.seal(packet)] if self.key else run
+        pieces = [b"".join([piece for packet in run for piece in self.seal(packet)])] if self.key else run
         size = len(run[0]) + (KEY_OVERHEAD if self.key else 0)
         cut = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))] if len(run) > 1 else []
         self.sock.sendmsg(pieces, cut, 0, self.peer)
@@ -1467,7 +1470,8 @@ class DatagramLink(Link):
         """--key: a datagram's pieces: its number, the packet, and the tag over both."""
         self.number += 1
         number = NUMBER.pack(self.number)
-        tag = hashlib.blake2b(number, key=self.key, digest_size=TAG_SIZE, person=self.seal_person)
+        tag = self.sealer.copy()  # (a copy of the keyed state costs less than keying anew)
+        tag.update(number)
         tag.update(packet)
         return number, packet, tag.digest()
 
@@ -1487,9 +1491,11 @@ class DatagramLink(Link):
             except ConnectionRefusedError:
                 self.say_unanswered()
                 continue
-            step = next((struct.unpack("=i", data)[0] for _, kind, data in notes if kind == UDP_GRO), 0)
-            for start in range(end, end + size, step or size or 1):  # a run: datagrams of one size
-                packet = self.admitted(sender, self.view[start:min(end + size, start + (step or size))], now)
+            # several datagrams at once (UDP_GRO): the kernel says their size, the last may be smaller
+            step = next((struct.unpack("=i", data)[0] for _, kind, data in notes if kind == UDP_GRO), size)
+            run = self.view[end:end + size]
+            for start in range(0, size, step or 1):
+                packet = self.admitted(sender, run[start:start + step], now)
                 if packet:
                     self.packets.append(packet)
             end += size
@@ -1500,32 +1506,19 @@ class DatagramLink(Link):
         return self.packets
 
     def admitted(self, sender, datagram, now):
-        """The packet a datagram carries if it is from our peer (empty: "still here"), else None.
-        Without --key, a server takes a new peer's first plausible packet while it has none, or
-        once its client has been silent UDP_SILENCE s; with --key, the newest key holder at once."""
+        """The packet a datagram carries if it is from our peer (empty: "still here"), else None."""
         packet = self.opened(datagram) if self.key else datagram
         if packet is None:
             return self.drop(sender, "no valid --key tag: it runs with another key, or without --key "
                                      "(or it replays old datagrams)")
-        if sender != self.peer:
-            if not self.key:
-                if not packet:  # a heartbeat of a --key end, or noise: nothing to write
-                    return None
-                why = packet_mismatch(packet, len(packet), self.tap)
-                why = why and self.keyed_peer(packet) or why
-                if not why and self.peer and now - self.heard_at < UDP_SILENCE:
-                    why = "it sent a packet, but %s is being served" % self.address
-                if why:
-                    return self.drop(sender, why)
-            log.warning("SERVER: serving %s%s", udp_address(sender), "" if self.peer is None else
-                        " (%s was silent for %d s)" % (self.address, now - self.heard_at) if not self.key else
-                        " (it holds the key; %s no longer has the slot)" % self.address)
-            self.peer, self.address = sender, udp_address(sender)
-        self.heard_at, self.unanswered = now, None
-        self.told.discard("unanswered")
-        self.told.discard("silent")
-        if packet and not self.tap and not looks_like_ip(packet, len(packet)):
-            self.malformed += 1  # cut short by a peer's small buffer, or garbage: the kernel would drop it
+        if sender != self.peer and not self.takes(sender, packet, now):
+            return None
+        self.heard_at = now
+        if self.unanswered is not None:  # an answer: a silence is over
+            self.unanswered = None
+            self.told -= {"unanswered", "silent"}
+        if packet and not self.tap and not self.key and not looks_like_ip(packet, len(packet)):
+            self.malformed += 1  # cut short by a lab relay's small buffer, or garbage: the kernel drops it
             if "malformed" not in self.told:
                 self.told.add("malformed")
                 log.warning("%s sent a datagram that is no whole IP packet (%d bytes; its IP header says "
@@ -1533,18 +1526,37 @@ class DatagramLink(Link):
             return None
         return packet
 
+    def takes(self, sender, packet, now):
+        """Server: True if a new sender becomes our peer. Without --key, the first plausible packet's
+        sender while we have none, or once our client has been silent UDP_SILENCE s; with --key,
+        the newest key holder, at once (its datagram's tag proved it)."""
+        if not self.key:
+            if not packet:  # a --key end's heartbeat, or noise: nothing to write
+                return False
+            why = packet_mismatch(packet, len(packet), self.tap)
+            why = why and self.keyed_peer(packet) or why
+            if not why and self.peer and now - self.heard_at < UDP_SILENCE:
+                why = "it sent a packet, but %s is being served" % self.address
+            if why:
+                return self.drop(sender, why)
+        log.warning("SERVER: serving %s%s", udp_address(sender), "" if self.peer is None else
+                    " (%s was silent for %d s)" % (self.address, now - self.heard_at) if not self.key else
+                    " (it holds the key; %s no longer has the slot)" % self.address)
+        self.peer, self.address = sender, udp_address(sender)
+        return True
+
     def opened(self, datagram):
         """--key: the packet inside a datagram whose tag is right and whose number is new, else None."""
         if len(datagram) < KEY_OVERHEAD:
             return None
-        tag = hashlib.blake2b(datagram[:-TAG_SIZE], key=self.key, digest_size=TAG_SIZE,
-                              person=self.open_person).digest()
-        if not hmac.compare_digest(tag, datagram[-TAG_SIZE:]):
+        tag = self.opener.copy()
+        tag.update(datagram[:-TAG_SIZE])
+        if not hmac.compare_digest(tag.digest(), datagram[-TAG_SIZE:]):
             return None
         (number,) = NUMBER.unpack_from(datagram)
         if number > self.newest:  # the newest yet: the window moves on
             shift = number - self.newest
-            self.seen = (self.seen << shift | 1) & ((1 << REPLAY_WINDOW) - 1) if shift < REPLAY_WINDOW else 1
+            self.seen = (self.seen << shift | 1) & REPLAY_MASK if shift < REPLAY_WINDOW else 1
             self.newest = number
         elif self.newest - number >= REPLAY_WINDOW or self.seen >> (self.newest - number) & 1:
             return None  # too old to tell, or taken before: a replay
@@ -1561,7 +1573,8 @@ class DatagramLink(Link):
         return None
 
     def drop(self, sender, why):
-        """Drop a datagram that is not our peer's: name its sender once (at most MAX_STRANGERS), count it."""
+        """Drop a datagram that is not our peer's: name its sender once (at most MAX_STRANGERS), count it.
+        Return None (for admitted())."""
         self.dropped += 1
         if sender not in self.strangers and len(self.strangers) < MAX_STRANGERS:
             self.strangers.add(sender)

@@ -2323,7 +2323,7 @@ def test_memory_stays_bounded_after_2000_peers_admitted_and_gone(lab, mode):
 # ---- --udp: one packet per datagram -------------------------------------------------------
 
 @contextlib.contextmanager
-def udp_ends(tap=False):
+def udp_ends(tap=False, key=None):
     """A --udp server's link on loopback, a stand-in device for it, and a client's socket."""
     device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -2334,7 +2334,7 @@ def udp_ends(tap=False):
     client.connect(server.getsockname())
     kernel.settimeout(TIMEOUT)
     client.settimeout(TIMEOUT)
-    link = simpletun.DatagramLink(server, "", tap)
+    link = simpletun.DatagramLink(server, "", tap, key=key)
     try:
         yield Tunnel(device.fileno(), "tun9"), link, kernel, client
     finally:
@@ -2525,8 +2525,7 @@ KEY = bytes(range(32))
 @contextlib.contextmanager
 def keyed_ends(key=KEY, client_key=KEY):
     """A --udp --key server's link with its stand-in device, and a --key client's link connected to it."""
-    with udp_ends() as (tunnel, server, kernel, _):
-        server.key = key
+    with udp_ends(key=key) as (tunnel, server, kernel, _):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.connect(server.sock.getsockname())
         client = simpletun.DatagramLink(sock, "127.0.0.1", False, sock.getpeername(), client_key)
