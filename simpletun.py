@@ -1534,7 +1534,8 @@ class DatagramLink(Link):
             if not packet:  # a --key end's heartbeat, or noise: nothing to write
                 return False
             why = packet_mismatch(packet, len(packet), self.tap)
-            why = why and self.keyed_peer(packet) or why
+            if why or len(packet) == KEY_OVERHEAD:
+                why = self.keyed_peer(packet) or why
             if not why and self.peer and now - self.heard_at < UDP_SILENCE:
                 why = "it sent a packet, but %s is being served" % self.address
             if why:
@@ -1565,10 +1566,10 @@ class DatagramLink(Link):
         return datagram[NUMBER.size:-TAG_SIZE]
 
     def keyed_peer(self, packet):
-        """Without --key: why a datagram that holds a plausible packet between a number and a tag is
-        not taken (None if it does not)."""
+        """Without --key: why a datagram that looks like a --key end's is not taken, else None: a
+        heartbeat (a number and a tag, nothing between), or (tun) an IP packet between them."""
         inner = packet[NUMBER.size:-TAG_SIZE]
-        if len(packet) > KEY_OVERHEAD and not packet_mismatch(inner, len(inner), self.tap):
+        if len(packet) == KEY_OVERHEAD or not self.tap and inner and looks_like_ip(inner, len(inner)):
             return "it runs with --key, this end without: give both ends the same --key FILE"
         return None
 
@@ -1586,18 +1587,22 @@ class DatagramLink(Link):
 
     def tick(self, now):
         """Say "still here" (--key) after UDP_HEARTBEAT s without sending; a client that has heard
-        nothing for UDP_SILENCE s says so, once. Return the seconds until the next tick."""
-        if self.key and self.peer and now - self.sent_at >= UDP_HEARTBEAT and not self.out:
-            self.out += HEADER.pack(0)  # an empty packet, numbered and tagged: only a key holder takes it
-            self.send_queued()
-        if self.client and self.unanswered and now - self.unanswered >= UDP_SILENCE and \
-                not self.told & {"silent", "unanswered"}:
+        nothing for UDP_SILENCE s since it sent says so, once. Return the seconds until the next tick."""
+        due = UDP_SILENCE
+        if self.key and self.peer:
+            if now - self.sent_at >= UDP_HEARTBEAT and not self.out:
+                self.out += HEADER.pack(0)  # an empty packet, numbered and tagged: only a key holder takes it
+                self.send_queued()
+            due = max(0.1, self.sent_at + UDP_HEARTBEAT - now)
+        if self.client and self.unanswered and not self.told & {"silent", "unanswered"}:
+            if now - self.unanswered < UDP_SILENCE:
+                return min(due, self.unanswered + UDP_SILENCE - now)
             self.told.add("silent")
             log.warning("CLIENT: nothing has come back from %s for %g s: does the server run with --udp, "
                         "in this mode (%s)%s? Its log says which (or nothing inside the tunnel answers)",
                         self.address, UDP_SILENCE, "-a" if self.tap else "-u",
                         ", with the same --key" if self.key else ", without --key")
-        return UDP_HEARTBEAT if self.key else UDP_SILENCE
+        return due
 
     def say_unanswered(self):
         """Client: the server's host answered with ICMP port unreachable. Say so once per silence."""

@@ -2766,6 +2766,133 @@ def test_udp_server_with_no_client_says_so_once_and_never_that_it_wrote_to_the_n
     assert link not in simpletun.log.filters
 
 
+def key_file(tmp_path, name="class.key", content=None):
+    """A --key file as the README says to make one: 32 random bytes, readable by its owner only."""
+    path = tmp_path / name
+    path.write_bytes(content or os.urandom(32))
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.mark.netns
+def test_udp_key_tunnel_crosses_and_a_restarted_client_is_served_within_1_s(lab, tmp_path):
+    key = key_file(tmp_path)
+    server, client = start_pair(lab, "tun0", "--udp", "--key", key)
+    lab.echo("s")
+    assert tunnel_passes(lab) and lab.probe("c", count=10) == 10
+    assert tcp_crosses(lab, 1 << 20, "c")
+    client.kill()  # no goodbye: its address and port are simply gone
+    client.wait(TIMEOUT)
+    client = lab.tunnel("c", "-i", "tun0", "--udp", "--key", key, "-d")
+    wait_for(lambda: "CLIENT: Connected" in log_of(client), "the new client to start")
+    wait_for(lambda: "(it holds the key; 192.0.2.2 port" in log_of(server), "the server to serve it", timeout=1)
+    lab.configure("c", "tun0")
+    assert lab.probe("c", count=5) == 5
+    assert "dropping datagrams" not in log_of(server)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("server_key, client_key, server_says", [
+    ("a", "b", "no valid --key tag: it runs with another key, or without --key"),
+    ("a", None, "no valid --key tag: it runs with another key, or without --key"),
+    (None, "a", "it runs with --key, this end without: give both ends the same --key FILE"),
+])
+def test_udp_ends_with_different_keys_are_named_on_both_ends_within_5_s(lab, tmp_path, server_key, client_key,
+                                                                          server_says):
+    keys = {name: ["--key", key_file(tmp_path, name)] for name in ("a", "b")}
+    server = lab.tunnel("s", "-i", "tun0", "--udp", "-d", *keys.get(server_key, []))
+    lab.configure("s", "tun0")
+    wait_for(lambda: "listening on UDP" in log_of(server), "the server to listen")
+    client = lab.tunnel("c", "-i", "tun0", "--udp", *keys.get(client_key, []))
+    started = time.monotonic()
+    lab.configure("c", "tun0")
+    lab.probe("c", count=1, wait=0.2)  # (a --key end beats by itself; one without sends packets only)
+    wait_for(lambda: server_says in log_of(server), "the server to name it", timeout=5 - (time.monotonic() - started))
+    wait_for(lambda: "CLIENT: nothing has come back from 192.0.2.1 for 3 s" in log_of(client),
+             "the client to say so", timeout=5 - (time.monotonic() - started))
+    assert lab.probe("c", count=2, wait=0.3) == 0 and server.poll() is None and client.poll() is None
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("server_mode, client_mode, server_says", [
+    ([], ["-a"], "is not an IP packet: noise, or a peer in tap mode (-a) while this end is tun"),
+    (["-a"], [], "is an IP packet, not an Ethernet frame: it runs in tun mode (-u), this end in tap (-a)"),
+])
+def test_udp_tun_against_tap_is_named_on_both_ends_within_5_s(lab, server_mode, client_mode, server_says):
+    devices = {"s": "tap0" if server_mode else "tun0", "c": "tap0" if client_mode else "tun0"}
+    server = lab.tunnel("s", "-i", devices["s"], "--udp", "-d", *server_mode)
+    lab.configure("s", devices["s"])
+    wait_for(lambda: "listening on UDP" in log_of(server), "the server to listen")
+    client = lab.tunnel("c", "-i", devices["c"], "--udp", *client_mode)
+    started = time.monotonic()
+    lab.configure("c", devices["c"])
+    lab.probe("c", count=1, wait=0.2)
+    wait_for(lambda: server_says in log_of(server), "the server to name it", timeout=5 - (time.monotonic() - started))
+    wait_for(lambda: "CLIENT: nothing has come back from 192.0.2.1 for 3 s: does the server run with --udp, in this "
+                     "mode (%s)" % ("-a" if client_mode else "-u") in log_of(client), "the client to say so",
+             timeout=5 - (time.monotonic() - started))
+
+
+LAB_RELAY = """
+import fcntl, os, select, socket, struct, sys
+# The VPN lab's UDP relay, as students write it: one raw packet per datagram, and every datagram
+# written to the device unguarded (an empty one, or anything the device refuses, ends it).
+name, port, peer = sys.argv[1], int(sys.argv[2]), (sys.argv[3:] or [None])[0]
+tun = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH22x", name.encode(), 0x0001 | 0x1000))
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+address = (peer, port) if peer else None
+if not peer:
+    sock.bind(("0.0.0.0", port))
+print("ready", flush=True)
+while True:
+    ready = select.select([sock, tun], [], [])[0]
+    if sock in ready:
+        data, address = sock.recvfrom(2048)
+        os.write(tun, data)
+    if tun in ready:
+        packet = os.read(tun, 2048)
+        if address:
+            sock.sendto(packet, address)
+"""
+
+
+@pytest.mark.netns
+def test_udp_ends_interoperate_with_the_vpn_labs_relay_idle_and_busy_for_60_s(lab):
+    # our server and the lab's relay as client (tun0, 10.9.0.0/24); the relay as server and our client
+    # (tun1, 10.8.0.0/24, port 55556): the relay writes every datagram it gets to its device
+    relays = [lab.spawn("c", [sys.executable, "-c", LAB_RELAY, "tun0", "55555", lab.SERVER_IP], "relay-client.log"),
+              lab.spawn("c", [sys.executable, "-c", LAB_RELAY, "tun1", "55556"], "relay-server.log")]
+    for relay in relays:
+        wait_for(lambda: "ready" in log_of(relay), "the relay to start")
+    for device, address in (("tun0", "10.9.0.2/24"), ("tun1", "10.8.0.2/24")):  # before anything comes
+        lab.ip("-n", lab.ns["c"], "addr", "add", address, "dev", device)
+        lab.ip("-n", lab.ns["c"], "link", "set", device, "up")
+    ends = relays + [lab.tunnel("s", "-i", "tun0", "--udp", "--addr", "10.9.0.1/24"),
+                     lab.spawn("s", [sys.executable, "-u", SCRIPT, "-i", "tun1", "-c", lab.CLIENT_IP, "-p", "55556",
+                                     "--udp", "--addr", "10.8.0.1/24"], "our-client.log")]
+    wait_for(lambda: all("inet 10." in lab.ip("-n", lab.ns["s"], "addr", "show", device, check=False).stdout
+                         for device in ("tun0", "tun1")), "our ends' devices")
+    for side, address in (("s", "10.9.0.1"), ("c", "10.9.0.2"), ("s", "10.8.0.1"), ("c", "10.8.0.2")):
+        lab.spawn(side, [sys.executable, "-c", UDP_ECHO, address], "echo-%s.log" % address)
+
+    def probes(side, address, count):
+        result = subprocess.run(["ip", "netns", "exec", lab.ns[side], sys.executable, "-c", UDP_PROBE, address,
+                                 str(count), "1"], capture_output=True, text=True, timeout=count + TIMEOUT)
+        return int(result.stdout or 0)
+
+    started = time.monotonic()
+    for side, address in (("c", "10.9.0.1"), ("s", "10.9.0.2"), ("s", "10.8.0.2"), ("c", "10.8.0.1")):
+        wait_for(lambda: probes(side, address, 1) == 1, "a probe to %s from %s" % (address, side))
+    while time.monotonic() - started < 30:  # idle
+        assert all(end.poll() is None for end in ends)
+        time.sleep(1)
+    while time.monotonic() - started < 60:  # busy: both tunnels, both ways
+        for side, address in (("c", "10.9.0.1"), ("s", "10.9.0.2"), ("s", "10.8.0.2"), ("c", "10.8.0.1")):
+            assert probes(side, address, 20) >= 19, address
+    assert all(end.poll() is None for end in ends), [log_of(end)[-500:] for end in ends]
+
+
 @pytest.mark.netns
 @pytest.mark.parametrize("mode", [[], ["-a"]])
 def test_demo_lan_pings_a_host_behind_the_server_through_the_tunnel(clean_demo, mode):
