@@ -78,7 +78,8 @@ class LinkEnded(Exception):
 HINTS = {errno.ENOENT: "no such file: load the tun module (modprobe tun)",  # what an errno means here
          errno.EACCES: "permission denied: run as root (or with CAP_NET_ADMIN)",
          errno.EPERM: "not allowed: run as root (or with CAP_NET_ADMIN)",
-         errno.EINVAL: "it exists and is not a device of this kind (tun: -u, tap: -a)"}
+         errno.EINVAL: "it exists and is not a device of this kind (tun: -u, tap: -a)",
+         errno.EBUSY: "another program has it open (is another simpletun.py running on it?)"}
 
 
 def tun_alloc(name, flags, clone_device="/dev/net/tun"):
@@ -101,8 +102,7 @@ class Tunnel:
 
     def __init__(self, fd, name, debug=0, read_size=MAX_PACKET):
         self.fd, self.name, self.debug, self.read_size = fd, name, debug, read_size
-        self.tap2net = self.net2tap = 0  # packets device -> network, network -> device
-        self.dropped = 0  # packets the kernel refused to take
+        self.tap2net = self.net2tap = self.dropped = 0  # packets to the network, to the device; refused
 
 
 # ---- The TCP link: tune(), listen_on(), connect_to(), Link -------------------------------
@@ -116,15 +116,13 @@ def tune(sock):
     return sock
 
 
-def listen_on(port, address=""):
-    """The server's listening socket: on every IPv6 and IPv4 address, unless one is named."""
-    dual = not address and socket.has_dualstack_ipv6()
+def listen_on(port, address="", family=socket.AF_INET, dual=False):
+    """The server's listening socket: on every IPv4 address, as the original's (or as the caller says)."""
     try:
-        return socket.create_server((address, port), family=socket.AF_INET6 if dual or ":" in address
-                                    else socket.AF_INET, dualstack_ipv6=dual)
-    except OSError as err:  # socket.gaierror too
-        raise UserError("cannot listen on %s port %d: %s" % (address or "every address", port,
-                                                             err.strerror or err)) from None
+        return socket.create_server((address, port), family=family, dualstack_ipv6=dual)
+    except OSError as err:  # socket.gaierror too (a negative errno); errno's words, not create_server's
+        why = os.strerror(err.errno) if (err.errno or 0) > 0 else err.strerror or err
+        raise UserError("cannot listen on %s port %d: %s" % (address or "every address", port, why)) from None
 
 
 def connect_to(host, port):
@@ -132,7 +130,7 @@ def connect_to(host, port):
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
     except OSError as err:  # socket.timeout and socket.gaierror too
-        hint = ": is the server running (simpletun.py -s)?" if err.errno == errno.ECONNREFUSED else ""
+        hint = ": is a server running (simpletun.py -s), over TCP?" if err.errno == errno.ECONNREFUSED else ""
         raise UserError("cannot connect to %s port %d: %s%s" % (host, port, err.strerror or err, hint)) \
             from None
     log.info("CLIENT: Connected to server %s", host)
@@ -176,7 +174,8 @@ class Link:
             if start + size + length > end:
                 break
             start += size + length
-            yield self.view[start - length:start]
+            if length:  # an empty frame carries no packet (the device would refuse it): skip it
+                yield self.view[start - length:start]
         self.kept = end - start
         self.view[:self.kept] = self.view[start:end]  # the next frame's start: to the front
 
@@ -205,12 +204,11 @@ def tap2net(tunnel, link):
             raise UserError("cannot read from %s: %s" % (tunnel.name, err.strerror)) from None
         size = len(packet)
         tunnel.tap2net += 1
+        out += header.pack(size)  # the length and the packet, both queued: they go in one send
+        out += packet
         if debug:  # the original's words: it says "tap interface" for a tun device too
             log.debug("TAP2NET %d: Read %d bytes from the tap interface", tunnel.tap2net, size,
                       extra={"packet": packet})
-        out += header.pack(size)  # the length and the packet, both queued: they go in one send
-        out += packet
-        if debug:
             log.debug("TAP2NET %d: Written %d bytes to the network", tunnel.tap2net, size)
         if len(out) >= OUT_LIMIT:
             break
@@ -1637,6 +1635,12 @@ class UdpClock(selectors.DefaultSelector):
         return super().select(due if timeout is None else min(due, timeout))
 
 
+def server_family(bind):
+    """Where a server listens: the address given, or every IPv6 and IPv4 address (one socket)."""
+    dual = not bind and socket.has_dualstack_ipv6()
+    return socket.AF_INET6 if dual or ":" in (bind or "") else socket.AF_INET, dual
+
+
 def udp_address(address):
     """A UDP sender as a person writes it: address and port."""
     return "%s port %d" % (plain_address(address[0]), address[1])
@@ -1652,9 +1656,8 @@ def udp_socket(args, key=None):
             sock.connect(address)
             log.info("CLIENT: Connected to server %s (UDP: the socket only knows where to send)", args.client)
         else:
-            dual = not args.bind and socket.has_dualstack_ipv6()
-            sock = socket.socket(socket.AF_INET6 if dual or ":" in (args.bind or "") else socket.AF_INET,
-                                 socket.SOCK_DGRAM)
+            family, dual = server_family(args.bind)
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             if dual:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((args.bind or "", args.port))
@@ -2225,7 +2228,7 @@ def client_link(sock, host, args, tls):
 
 def serve_with_room(tunnel, args, tls=None):
     """The server, with the waiting room as serve()'s next_client and selector."""
-    with listen_on(args.port, args.bind or "") as listener:
+    with listen_on(args.port, args.bind or "", *server_family(args.bind)) as listener:
         log.info("SERVER: listening on port %d", args.port)
         room = WaitingRoom(listener, tunnel, args, tls)
         serve(tunnel, listener, room.next_client, room)
