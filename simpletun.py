@@ -421,7 +421,8 @@ __version__ = "2.0.0"
 #    3. the server's waiting room (WaitingRoom: the selector serve() uses)
 #    4. --addr/--mtu   5. what a line is about: -dd, -ddd, the demo's stamps (the Lines handler)
 #    6. --offload (the frame header and the read size)   7. --udp (a Link of datagrams)
-#    8. the demo and the bench (--demo)   9. the full command line (full_main)
+#    8. a class on one server (--clients: the Switch, relay()'s link)
+#    9. the demo and the bench (--demo)   10. the full command line (full_main)
 
 
 # ---- 1. The full program's link: ExtraLink --------------------------------------------------
@@ -441,8 +442,8 @@ WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 EVICTED = ("the server reset the connection before it served this end: its waiting room was full "
            "(a flood of connections?), or it stopped; start the client again")
 UNSERVED = ("the server closed the connection without sending a packet: it serves one client at a "
-            "time (is another one connected?), or runs with other options (--tls, --offload, -u/-a); "
-            "its log says which")
+            "time (is another one connected?), or all its --clients slots are taken, or it runs with other "
+            "options (--tls, --offload, -u/-a); its log says which")
 
 
 def keep_alive(sock):
@@ -462,6 +463,7 @@ class ExtraLink(Link):
         self.tls, self.debug = isinstance(sock, ssl.SSLSocket), debug
         self.heard = heard  # the peer sent something: a server admits a peer only once it has
         self.stalled = None  # since when the peer has taken none of the frames queued for it
+        self.switch = None  # --clients: the Switch this client of a class belongs to
 
     def receive(self):
         """Link.receive(), and with TLS what it decrypted beyond; a broken link says why."""
@@ -485,6 +487,11 @@ class ExtraLink(Link):
         if count and self.debug > 1:
             log_receive(self, count)
         return count
+
+    def cut(self, count):
+        """Link.cut(); a client of a class (--clients) hands what is for other clients to them."""
+        packets = super().cut(count)
+        return packets if self.switch is None else (p for p in packets if self.switch.from_client(self, p))
 
     def send_queued(self):
         """Link.send_queued(), noting since when the peer has taken nothing; a broken link says why."""
@@ -724,6 +731,7 @@ class WaitingRoom(selectors.DefaultSelector):
         self.refused = collections.Counter()  # refusals by kind since the last report
         self.said, self.unsaid = set(), 0  # reasons named since the last report; refusals not named
         self.report_at = None
+        self.switch = Switch(self, args.clients) if args.clients > 1 else None  # --clients: a class
         listener.setblocking(False)
         self.register(listener, selectors.EVENT_READ, self.accept)
 
@@ -790,7 +798,11 @@ class WaitingRoom(selectors.DefaultSelector):
     # -- newcomers ------------------------------------------------------------------------
 
     def next_client(self):
-        """serve()'s next_client: admit newcomers until one proves itself; return its Link."""
+        """serve()'s next_client: admit newcomers until one proves itself; return its Link. (A class's
+        link is the Switch, at once: the newcomers who prove themselves join it.)"""
+        if self.switch:
+            self.active = self.switch
+            return self.switch
         self.active = None
         while not self.proven:
             for key, events in self.select():
@@ -868,9 +880,12 @@ class WaitingRoom(selectors.DefaultSelector):
         """A newcomer proved itself: it takes the slot, or (plaintext, slot taken) is turned away."""
         self.leave_room(newcomer)
         holder = self.active or self.proven  # (two may prove themselves in one wake-up)
-        if holder and not self.tls:
-            self.refuse(newcomer.address, "turned away", "it proved itself, but %s is being served "
-                        "(one client at a time)" % holder.address, verb="turned away")
+        if self.switch:  # a class: a free slot, or no place at all (the newest does not push anyone out)
+            holder = self.switch if len(self.switch.clients) >= self.switch.slots else None
+        if holder and (not self.tls or self.switch):
+            self.refuse(newcomer.address, "turned away", "it proved itself, but %s" % (
+                "all %d slots of the class are taken (--clients)" % self.switch.slots if self.switch else
+                "%s is being served (one client at a time)" % holder.address), verb="turned away")
             return self.say_goodbye(newcomer.sock, "orderly")
         if self.proven:  # --tls: the newer of two proven in one wake-up takes the slot
             self.say_goodbye(self.proven.sock, "orderly")
@@ -881,9 +896,11 @@ class WaitingRoom(selectors.DefaultSelector):
             link.view[:link.kept] = newcomer.head
             log.debug("SERVER: %s proved itself with the first %d bytes of its first frame; they go on to "
                       "the device with the rest of that frame", newcomer.address, link.kept)
-        self.proven = link
         log.info("SERVER: Client connected from %s%s", newcomer.address,
                  " (%s, pinned certificate)" % newcomer.sock.version() if self.tls else "")
+        if self.switch:
+            return self.switch.join(link)
+        self.proven = link
         if self.active:
             raise LinkEnded("%s proved itself with the pinned certificate: it replaces %s (the newest "
                             "authenticated client wins)" % (newcomer.address, self.active.address))
@@ -940,6 +957,8 @@ class WaitingRoom(selectors.DefaultSelector):
 
     def close(self):
         """The server stops: close everyone still waiting or closing."""
+        if self.switch:
+            self.switch.close()
         for sock in list(self.newcomers) + list(self.closing):
             sock.close()  # (closing twice is harmless)
         super().close()
@@ -1687,7 +1706,151 @@ def udp_socket(args, key=None):
     return link
 
 
-# ---- 8. The whole tunnel on one machine: demo(), Timeline, ping(), the lossy cable, the bench ---
+# ---- 8. A class on one server (--clients N): Switch, packet_ends() ---------------------------
+#      Up to N clients at once, as one network. relay() runs once, with a Switch as its link: what
+#      the device hands over lands in its queue, and its send_queued() gives each packet to the client
+#      that owns its destination (tap: broadcast, multicast and unknown ones to every client). Each
+#      client is an ExtraLink the waiting room admits, with a handler of its own; its packets must come
+#      from addresses it owns (learnt from what it sent, first come, first served), and go to the
+#      device or straight to the client they are for: the server forwards itself, nothing to set up on
+#      its host. A client's queue is bounded: one that stops reading loses its own packets, no one else's.
+
+MAX_OWNED = 16  # addresses one client may own: a tunnel address or two, IPv6's, a bridge's MACs
+RECONNECT_EVERY = 3  # seconds between a --reconnect client's tries
+
+
+def packet_ends(packet, tap):
+    """A packet's (source, destination) addresses: MACs (tap), IPv4 or IPv6 (tun); (None, None) if neither."""
+    if tap:
+        return bytes(packet[6:12]), bytes(packet[:6])
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        return bytes(packet[12:16]), bytes(packet[16:20])
+    if version == 6 and len(packet) >= 40:
+        return bytes(packet[8:24]), bytes(packet[24:40])
+    return None, None
+
+
+class Switch(Link):
+    """relay()'s link for a class: a queue that send_queued() sorts out to the clients."""
+
+    def __init__(self, room, slots):
+        self.pair = socket.socketpair()  # relay() watches the link's socket: this one never speaks
+        super().__init__(self.pair[0], "the class")
+        self.room, self.slots, self.tap, self.debug = room, slots, room.tap, room.debug
+        self.clients = []
+        self.owners = {}  # address -> the client that sent from it first
+        self.said = set()  # what was said once: (client, address) for a spoof, (client,) for a stall
+        self.forwarded = self.spoofed = self.lost = 0  # packets between clients; dropped: spoofed, stalled
+
+    def join(self, link):
+        """A client proved itself in the waiting room: it takes a slot."""
+        link.switch, link.owned = self, 0
+        self.clients.append(link)
+        self.room.register(link.sock, selectors.EVENT_READ, lambda events: self.client_ready(link, events))
+        log.warning("SERVER: %s joined the class (%d of %d slots taken)", link.address, len(self.clients),
+                    self.slots)
+
+    def client_ready(self, link, events):
+        """A client's connection can move bytes: as link_ready(); a client whose link ended leaves."""
+        if link not in self.clients:  # it left earlier in this wake-up
+            return
+        try:
+            link_ready(self.room.tunnel, link, events)
+            if link.ended:
+                raise LinkEnded("it closed the connection")
+        except (LinkEnded, OSError) as err:
+            return self.leave(link, getattr(err, "strerror", None) or err)
+        self.flush([link])
+
+    def leave(self, link, why):
+        """A client has gone: its slot and its addresses are free at once."""
+        self.clients.remove(link)
+        self.room.unregister(link.sock)
+        self.room.say_goodbye(link.sock, "orderly")
+        for address in [a for a, owner in self.owners.items() if owner is link]:
+            del self.owners[address]
+        self.said = {said for said in self.said if said[0] is not link}
+        log.warning("SERVER: %s left the class: %s (%d of %d slots taken)", link.address, why,
+                    len(self.clients), self.slots)
+
+    def send_queued(self):
+        """TAP2NET: each packet the device handed over, to the client that owns its destination."""
+        given = set()
+        with memoryview(self.out) as out:
+            start = 0
+            while start < len(out):
+                end = start + HEADER.size + HEADER.unpack_from(out, start)[0]
+                _, destination = packet_ends(out[start + HEADER.size:end], self.tap)
+                given.update(self.deliver(out[start:end], destination))
+                start = end
+        del self.out[:]
+        self.flush(given)
+
+    def from_client(self, link, packet):
+        """NET2TAP: a client's packet is dropped if its source is another's; one for another client
+        goes straight to it; True if it is for the device (tap: a broadcast goes to both)."""
+        source, destination = packet_ends(packet, self.tap)
+        owner = self.owners.get(source) if source else link
+        if owner is None and link.owned < MAX_OWNED:
+            owner = self.owners[source] = link
+            link.owned += 1
+        if owner is not link:
+            self.spoofed += 1
+            if (link, source) not in self.said:
+                self.said.add((link, source))
+                log.warning("SERVER: dropping %s's packets from %s: %s (counted, not logged again)",
+                            link.address, mac_text(source) if self.tap else ipaddress.ip_address(source),
+                            "that address is %s's" % owner.address if owner else "it owns %d" % MAX_OWNED)
+            return False
+        to = self.owners.get(destination)
+        if to or self.tap and destination[0] & 1:  # (the group bit: broadcast or multicast)
+            self.flush(self.deliver(HEADER.pack(len(packet)) + packet, destination, link))
+        return to is None
+
+    def deliver(self, frame, destination, sender=None):
+        """Queue a frame for the client that owns its destination (tap: none does, or a broadcast: for
+        every client but the sender); return the clients given it."""
+        to = self.owners.get(destination)
+        given = [to] if to else [c for c in self.clients if c is not sender] if self.tap else []
+        for link in given:
+            if len(link.out) >= OUT_LIMIT:  # it takes nothing: packets for it are lost, not everyone's
+                self.lost += 1
+                if (link,) not in self.said:
+                    self.said.add((link,))
+                    log.warning("SERVER: %s takes nothing: packets for it are dropped, counted", link.address)
+                continue
+            link.out += frame
+            self.forwarded += sender is not None
+            if self.debug > 1 or self.debug and sender:
+                log.debug("CLASS: %s -> %s: %d bytes%s", sender.address if sender else "the server",
+                          link.address, len(frame) - HEADER.size, ", forwarded by the server" * bool(sender))
+        return given
+
+    def flush(self, links):
+        """Send what is queued for these clients; watch a socket for writing while frames wait for it."""
+        for link in links:
+            try:
+                link.send_queued()
+            except (LinkEnded, OSError) as err:
+                self.leave(link, getattr(err, "strerror", None) or err)
+                continue
+            if len(link.out) < OUT_LIMIT:
+                self.said.discard((link,))
+            self.room.modify(link.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if link.out else 0),
+                             self.room.get_key(link.sock).data)
+
+    def close(self):
+        """The server stops: goodbye to every client, and what the class passed on, in one line."""
+        for link in list(self.clients):
+            self.leave(link, "the server stops")
+        log.warning("SERVER: the class: %d packet(s) forwarded between clients; dropped %d from a source not "
+                    "the sender's, %d for a client taking nothing", self.forwarded, self.spoofed, self.lost)
+        self.pair[1].close()
+        super().close()
+
+
+# ---- 9. The whole tunnel on one machine: demo(), Timeline, ping(), the lossy cable, the bench ---
 #      Two network namespaces stand in for two hosts, a veth pair for the cable between them;
 #      each end is this program, run with --timestamps so that one timeline shows both.
 
@@ -2126,7 +2289,7 @@ def bench_ping(address, count):
     print(json.dumps(None if None in times else sum(times) / len(times) * 1000))
 
 
-# ---- 9. The full command line: parse_args(), full_main() -----------------------------------
+# ---- 10. The full command line: parse_args(), full_main() -----------------------------------
 #      The tunnel's own parser (make_parser) with the extras' flags added, and the tunnel's
 #      run() and serve()/run_client() called with the extras in their seams.
 
@@ -2178,6 +2341,10 @@ def parse_args(argv=None):
                         help="with --tls: the peer's certificate, the only one accepted "
                              "(default: the certificate in the --tls FILE)")
     parser.add_argument("--bind", metavar="ADDR", help="server: listen on this address only (default: all)")
+    parser.add_argument("--clients", metavar="N", type=number_between(1, MAX_NEWCOMERS * 32, "a class"),
+                        default=1, help="server: serve up to N clients at once, as one network (default 1)")
+    parser.add_argument("--reconnect", action="store_true", help="client: when the server goes away, keep "
+                        "the device and try again every %d s until it is back" % RECONNECT_EVERY)
     parser.add_argument("--udp", action="store_true", help="carry each packet as one UDP datagram (no TCP "
                         "over TCP); both ends need it, and a C simpletun peer has no such mode")
     parser.add_argument("--key", metavar="FILE", help="with --udp: sign every datagram with the secret in "
@@ -2230,8 +2397,14 @@ def parse_args(argv=None):
         parser.error("an interface name is required (-i NAME)")
     if not (args.server or args.client):
         parser.error("choose server (-s) or client (-c HOST) mode")
-    if args.bind and not args.server:
-        parser.error("--bind is for the server (-s)")
+    for flag, role, needs in (("bind", "server", args.server), ("clients", "server", args.server),
+                              ("reconnect", "client", args.client)):
+        if getattr(args, flag) not in (None, False, 1) and not needs:
+            parser.error("--%s is for the %s (%s)" % (flag, role, "-s" if role == "server" else "-c HOST"))
+    for flag in ("offload", "two_writes", "udp"):
+        if args.clients > 1 and getattr(args, flag):
+            parser.error("--clients cannot go with --%s (a class is served over TCP, one packet per frame)"
+                         % flag.replace("_", "-"))
     return args
 
 
@@ -2250,6 +2423,30 @@ def client_link(sock, host, args, tls):
         link.sock.close()  # not a peer of this kind: no goodbye to wait for
         raise UserError("CLIENT: %s" % err) from None
     return link
+
+
+def run_client_again(tunnel, host, port, make_link):
+    """--reconnect: run_client(), and when the server goes away, keep the device (and its address) and
+    try again every RECONNECT_EVERY s until it is back; one line per outage. Ctrl-C ends it."""
+    away = False
+
+    def back(sock, address):
+        link = make_link(sock, address)
+        if away:
+            log.warning("CLIENT: the server is back: connected to %s again", address)
+        return link
+
+    while True:
+        try:
+            run_client(tunnel, host, port, back)
+            away, why = False, "the server went away"
+        except UserError as err:
+            why = err
+        if not away:
+            log.warning("CLIENT: %s; trying again every %d s until it is back (--reconnect)", why,
+                        RECONNECT_EVERY)
+            away = True
+        time.sleep(RECONNECT_EVERY)
 
 
 def serve_with_room(tunnel, args, tls=None):
@@ -2280,8 +2477,8 @@ def extended_end(args):
                 relay_until_closed(tunnel, link, "CLIENT" if args.client else "SERVER", selector)
                 return 1  # a datagram link has no orderly end: it ends only when it breaks
         if args.client:
-            return run_client(tunnel, args.client, args.port,
-                              lambda sock, host: client_link(sock, host, args, tls))
+            return (run_client_again if args.reconnect else run_client)(
+                tunnel, args.client, args.port, lambda sock, host: client_link(sock, host, args, tls))
         serve_with_room(tunnel, args, tls)
     finally:
         os.close(tunnel.fd)

@@ -236,7 +236,7 @@ def test_describe_never_raises_on_random_bytes():
 def program_args(**kw):
     """The options the full program's pieces read, as parse_args() would give them."""
     args = dict(debug=0, tap=False, offload=False, udp=False, key=None, two_writes=False, timestamps=False,
-                iface="tun9", port=0, bind="127.0.0.1")
+                iface="tun9", port=0, bind="127.0.0.1", clients=1, reconnect=False)
     args.update(kw)
     return argparse.Namespace(**args)
 
@@ -1545,13 +1545,13 @@ def free_port():
 class ServerRig:
     """serve() in a thread on a loopback port, with a stand-in device; clients are plain sockets."""
 
-    def __init__(self, tls=None, tap=False, offload=False):
+    def __init__(self, tls=None, tap=False, offload=False, clients=1):
         self.device, self.kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.kernel.settimeout(TIMEOUT)
         self.device.setblocking(False)
         self.port = free_port()
         self.tunnel = Tunnel(self.device.fileno(), "tun9", debug=1)
-        args = program_args(port=self.port, tap=tap, offload=offload, debug=1)
+        args = program_args(port=self.port, tap=tap, offload=offload, debug=1, clients=clients)
         self.thread = threading.Thread(target=simpletun.serve_with_room, args=(self.tunnel, args, tls), daemon=True)
         self.thread.start()
         wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", self.port)) == 0, "the server to listen")
@@ -1680,6 +1680,97 @@ def test_flood_of_held_open_connections_cannot_keep_the_real_client_out(server_r
     finally:
         for sock in flood:
             sock.close()
+
+
+# ---- A class on one server (--clients N) ----------------------------------------------------
+
+def student(r, address, mac=None):
+    """A client of a class that has proven itself with a first packet from `address` (tap: from `mac`)."""
+    sock = r.connect()
+    first = ipv4(17, b"hello", src=address, dst="10.0.0.1")
+    sock.sendall(frame(ethernet(0x0800, first, dst="6e:00:00:00:00:01", src=mac) if mac else first))
+    assert r.kernel.recv(65536)  # it reached the server's device: it is in
+    return sock
+
+
+def received(sock, timeout=TIMEOUT):
+    """The next packet a client's connection brings, or None if none comes within `timeout` s."""
+    sock.settimeout(timeout)
+    try:
+        (length,) = HEADER.unpack(sock.recv(2, socket.MSG_WAITALL))
+        return sock.recv(length, socket.MSG_WAITALL)
+    except (socket.timeout, struct.error):
+        return None
+
+
+def test_class_passes_each_packet_to_the_client_that_owns_its_destination(server_rig, caplog):
+    r = server_rig(clients=3)
+    a, b = student(r, "10.0.0.2"), student(r, "10.0.0.3")
+    for_b = ipv4(17, b"for b", src="10.0.0.1", dst="10.0.0.3")
+    r.kernel.send(for_b)
+    assert received(b) == for_b and received(a, 0.2) is None  # only b's
+    a_to_b = ipv4(17, b"from a", src="10.0.0.2", dst="10.0.0.3")
+    a.sendall(frame(a_to_b))
+    assert received(b) == a_to_b  # straight from a to b: the server forwards it itself
+    assert not select.select([r.kernel], [], [], 0.2)[0]  # the server's device never saw it
+    assert "SERVER: 127.0.0.1 joined the class (2 of 3 slots taken)" in caplog.messages
+    assert "CLASS: 127.0.0.1 -> 127.0.0.1: 26 bytes, forwarded by the server" in caplog.messages  # -d says so
+
+
+def test_class_drops_a_packet_from_another_clients_address_and_the_owner_keeps_working(server_rig, caplog):
+    r = server_rig(clients=3)
+    a, b = student(r, "10.0.0.2"), student(r, "10.0.0.3")
+    for _ in range(3):
+        b.sendall(frame(ipv4(17, b"spoofed", src="10.0.0.2", dst="10.0.0.1")))  # b claims a's address
+    b.sendall(frame(ipv4(17, b"b's own", src="10.0.0.3", dst="10.0.0.1")))
+    assert r.kernel.recv(65536) == ipv4(17, b"b's own", src="10.0.0.3", dst="10.0.0.1")  # the 3 spoofed: dropped
+    assert [m for m in caplog.messages if "dropping" in m] == [
+        "SERVER: dropping 127.0.0.1's packets from 10.0.0.2: that address is 127.0.0.1's (counted, not logged again)"]
+    for_a = ipv4(17, b"for a", src="10.0.0.1", dst="10.0.0.2")
+    r.kernel.send(for_a)
+    assert received(a) == for_a and received(b, 0.2) is None  # the owner keeps its address
+
+
+def test_class_client_that_leaves_frees_its_addresses_and_slot_at_once(server_rig, caplog):
+    r = server_rig(clients=2)
+    a, b = student(r, "10.0.0.2"), student(r, "10.0.0.3")
+    late = r.connect()
+    late.sendall(frame(ipv4(17, b"me too", src="10.0.0.4")))
+    assert r.closed_by_server(late)  # a third: no slot, an orderly close, no packet
+    assert any("turned away 127.0.0.1: it proved itself, but all 2 slots of the class are taken" in m
+               for m in caplog.messages)
+    a.close()
+    wait_for(lambda: any("left the class: it closed the connection (1 of 2 slots taken)" in m
+                         for m in caplog.messages), "a to leave")
+    c = student(r, "10.0.0.2")  # a's address and slot, taken by a newcomer
+    for_c = ipv4(17, b"for c", src="10.0.0.1", dst="10.0.0.2")
+    r.kernel.send(for_c)
+    assert received(c) == for_c
+
+
+def test_class_client_that_stops_reading_loses_its_own_packets_only(server_rig, caplog):
+    r = server_rig(clients=2)
+    a, stopped = student(r, "10.0.0.2"), student(r, "10.0.0.3")
+    stopped.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    big = bytes(1400)
+    for i in range(6000):  # 8 MB for the client that reads nothing (more than the sockets hold), a's among them
+        r.kernel.send(ipv4(17, big, src="10.0.0.1", dst="10.0.0.3"))  # (never blocks: the device is read)
+        if i % 100 == 0:
+            r.kernel.send(ipv4(17, b"%d" % i, src="10.0.0.1", dst="10.0.0.2"))
+            assert received(a) == ipv4(17, b"%d" % i, src="10.0.0.1", dst="10.0.0.2")
+    assert "SERVER: 127.0.0.1 takes nothing: packets for it are dropped, counted" in caplog.messages
+
+
+def test_class_in_tap_mode_floods_broadcasts_and_learns_macs(server_rig):
+    r = server_rig(clients=3, tap=True)
+    a = student(r, "10.0.0.2", mac="6e:00:00:00:00:02")
+    b = student(r, "10.0.0.3", mac="6e:00:00:00:00:03")
+    who_has = ethernet(0x0806, bytes(28), src="6e:00:00:00:00:02")  # a's broadcast
+    a.sendall(frame(who_has))
+    assert received(b) == who_has and r.kernel.recv(65536) == who_has  # every other client, and the server
+    unicast = ethernet(0x0800, b"x" * 30, dst="6e:00:00:00:00:03", src="6e:00:00:00:00:01")
+    r.kernel.send(unicast)
+    assert received(b) == unicast and received(a, 0.2) is None
 
 
 def test_flood_of_empty_frames_from_the_client_keeps_memory_flat(rig, monkeypatch):
