@@ -1041,6 +1041,18 @@ def configure_device(name, interface=None, mtu=None):
     log.debug("Configured %s: %s", name, ", ".join(done))
 
 
+def announce(interface, device):
+    """A client with --addr says where it is: one UDP datagram from its address to its network's
+    broadcast address (IPv6: all nodes), port 9, "discard", through the tunnel. A class server
+    (--clients) learns the address at once; the server's host discards it."""
+    to = ("ff02::1", 9, 0, socket.if_nametoindex(device)) if interface.version == 6 else \
+        (str(interface.network.broadcast_address), 9)
+    with socket.socket(socket.AF_INET6 if interface.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.bind((str(interface.ip), 0))
+        sock.sendto(b"simpletun.py: %s is here" % str(interface.ip).encode(), to)
+
+
 def ip_command(*args):
     """Run `ip ARGS...` (iproute2); a failure is a UserError carrying ip's own message."""
     try:
@@ -2422,6 +2434,8 @@ def client_link(sock, host, args, tls):
     except (LinkEnded, OSError) as err:
         link.sock.close()  # not a peer of this kind: no goodbye to wait for
         raise UserError("CLIENT: %s" % err) from None
+    if args.addr:  # (it waits in the device until relay() reads it: the first packet the server gets)
+        announce(args.addr, args.iface)
     return link
 
 
@@ -2473,6 +2487,8 @@ def extended_end(args):
             configure_device(tunnel.name, args.addr, mtu)
         if args.udp:  # one loop until the end: its selector keeps the link's time
             link = udp_socket(args, read_key(args.key) if args.key else None)
+            if args.client and args.addr:
+                announce(args.addr, args.iface)
             with contextlib.closing(link), UdpClock(link) as selector:
                 relay_until_closed(tunnel, link, "CLIENT" if args.client else "SERVER", selector)
                 return 1  # a datagram link has no orderly end: it ends only when it breaks

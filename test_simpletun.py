@@ -755,6 +755,18 @@ class Lab:
             self.ip("-n", self.ns[side], "addr", "add", address + "/24", "dev", "veth0")
             self.ip("-n", self.ns[side], "link", "set", "veth0", "up")
 
+    def add_host(self, side, number):
+        """Another host, `side`, on a cable of its own to the server host: 192.0.N.2 there, 192.0.N.1 here."""
+        self.ns[side] = self.ns["s"][:-1] + side
+        self.ip("netns", "add", self.ns[side])
+        self.ip("link", "add", "veth%d" % number, "netns", self.ns["s"], "type", "veth", "peer", "name", "veth0",
+                "netns", self.ns[side])
+        for host, address, device in (("s", "192.0.%d.1/24", "veth%d" % number), (side, "192.0.%d.2/24", "veth0")):
+            self.ip("-n", self.ns[host], "addr", "add", address % number, "dev", device)
+            self.ip("-n", self.ns[host], "link", "set", device, "up")
+            self.ip("-n", self.ns[host], "link", "set", "lo", "up")
+        return "192.0.%d.1" % number
+
     def ip(self, *args, check=True):
         return subprocess.run(["ip"] + list(args), capture_output=True, text=True, check=check,
                               timeout=TIMEOUT)
@@ -2371,6 +2383,10 @@ def test_demo_bench_prints_the_underlay_and_the_tunnel_side_by_side(clean_demo):
     (["-i", "tun0", "-s", "--loss", "5"], "--loss is for the demo"),
     (["--demo", "--loss", "101"], "a percentage is a number from 0 to 100"),
     (["--demo", "--bind", "1.2.3.4"], "--demo sets up both ends itself"),
+    (["-i", "tun0", "-c", "h", "--clients", "3"], "--clients is for the server (-s)"),
+    (["-i", "tun0", "-s", "--reconnect"], "--reconnect is for the client (-c HOST)"),
+    (["-i", "tun0", "-s", "--clients", "3", "--offload"], "--clients cannot go with --offload"),
+    (["-i", "tun0", "-s", "--clients", "0"], "a class is a number from 1 to"),
 ])
 def test_demo_flags_usage_errors(args, reason):
     result = run_script(*args)
@@ -2959,6 +2975,115 @@ def test_udp_server_with_no_client_says_so_once_and_never_that_it_wrote_to_the_n
         assert caplog.messages[-1] == "TAP2NET 4: Written 84 bytes to the network"
         link.close()
     assert link not in simpletun.log.filters
+
+
+UDP_PROBE_FROM = UDP_PROBE.replace("s.settimeout(wait)", "s.settimeout(wait)\ns.bind((sys.argv[4], 0))")
+
+
+def probes(lab, side, source, destination, count=5, wait=1.0):
+    """UDP probes from `side` (from address `source`) to the echo at `destination`; how many came back."""
+    result = subprocess.run(["ip", "netns", "exec", lab.ns[side], sys.executable, "-c", UDP_PROBE_FROM, destination,
+                             str(count), str(wait), source], capture_output=True, text=True, timeout=count * wait + 5)
+    return int(result.stdout or 0)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("device, mode", [("tun0", []), ("tap0", ["-a"])])
+def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_address(lab, tmp_path, device, mode):
+    cables = {"c": lab.SERVER_IP, "d": lab.add_host("d", 3), "e": lab.add_host("e", 4)}
+    server = lab.tunnel("s", "-i", device, "-d", "--clients", "3", "--addr", "10.9.0.1/24", *mode)
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    alone = cut_tunnel(tmp_path / "tunnel_alone.py")  # a student's client: the tunnel alone, configured by hand
+    ends = {side: lab.spawn(side, [sys.executable, "-u", SCRIPT if side != "e" else alone, "-i", device, "-c",
+                                   cables[side], *mode] + (["--addr", "10.9.0.%d/24" % n] if side != "e" else []),
+                            "%s.log" % side) for side, n in (("c", 2), ("d", 3), ("e", 4))}
+    lab.ip("-n", lab.ns["e"], "tuntap", "add", "dev", device, "mode", device[:3], check=False)
+    wait_for(lambda: lab.ip("-n", lab.ns["e"], "link", "show", device, check=False).returncode == 0, "e's device")
+    lab.ip("-n", lab.ns["e"], "addr", "add", "10.9.0.4/24", "dev", device)
+    lab.ip("-n", lab.ns["e"], "link", "set", device, "up")
+    for side, address in (("s", "10.9.0.1"), ("c", "10.9.0.2"), ("d", "10.9.0.3"), ("e", "10.9.0.4")):
+        wait_for(lambda: address + "/24" in lab.ip("-n", lab.ns[side], "addr", "show", device, check=False).stdout,
+                 address)
+        lab.spawn(side, [sys.executable, "-c", UDP_ECHO, address], "echo-%s.log" % side)
+    for side, source, destination in (("c", "10.9.0.2", "10.9.0.1"), ("d", "10.9.0.3", "10.9.0.1"),
+                                      ("e", "10.9.0.4", "10.9.0.1"), ("c", "10.9.0.2", "10.9.0.3"),
+                                      ("d", "10.9.0.3", "10.9.0.4"), ("e", "10.9.0.4", "10.9.0.2"),
+                                      ("s", "10.9.0.1", "10.9.0.4")):
+        wait_for(lambda: probes(lab, side, source, destination, 1, 0.5) == 1, "%s -> %s" % (source, destination))
+        assert probes(lab, side, source, destination) == 5, (source, destination)
+    text = log_of(server)
+    assert text.count("joined the class") == 3 and "(3 of 3 slots taken)" in text
+    assert re.search(r"CLASS: 192\.0\.2\.2 -> 192\.0\.3\.2: \d+ bytes, forwarded by the server", text), text[-3000:]
+    ends["d"].send_signal(signal.SIGTERM)  # d leaves; a newcomer takes its address and its slot
+    assert ends["d"].wait(TIMEOUT) == 0
+    wait_for(lambda: "192.0.3.2 left the class" in log_of(server), "the server to see d leave")
+    lab.spawn("d", [sys.executable, "-u", SCRIPT, "-i", device, "-c", cables["d"], "--addr", "10.9.0.3/24", *mode],
+              "d-again.log")
+    wait_for(lambda: "10.9.0.3/24" in lab.ip("-n", lab.ns["d"], "addr", "show", device, check=False).stdout,
+             "d's address")  # (d's echo is still there, bound to that address)
+    if mode:  # a new tap device has a new MAC address: c's ARP cache holds d's old one for a while
+        lab.ip("-n", lab.ns["c"], "neigh", "flush", "dev", device)
+    wait_for(lambda: probes(lab, "c", "10.9.0.2", "10.9.0.3", 1, 0.5) == 1, "c to reach the new d")
+    assert "dropping" not in log_of(server) and server.poll() is None
+
+
+@pytest.mark.netns
+def test_class_client_beyond_the_slots_is_refused_on_both_ends_and_exits_1(lab):
+    server = lab.tunnel("s", "-i", "tun0", "-d", "--clients", "2", "--addr", "10.9.0.1/24")
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    for n in (2, 3):
+        lab.tunnel("c", "-i", "tun%d" % n, "--addr", "10.9.0.%d/24" % n)
+        wait_for(lambda: log_of(server).count("joined the class") == n - 1, "client %d to join" % n)
+    third = lab.tunnel("c", "-i", "tun4", "--addr", "10.9.0.4/24")
+    lab.probe("c", count=1, wait=0.2)  # (a client proves itself with its first packet)
+    assert third.wait(10) == 1
+    assert "all its --clients slots are taken" in log_of(third) and len(log_of(third).splitlines()) <= 2
+    assert "it proved itself, but all 2 slots of the class are taken (--clients)" in log_of(server)
+
+
+@pytest.mark.netns
+def test_reconnect_keeps_a_tcp_connection_inside_the_tunnel_across_a_server_restart(lab):
+    server = lab.tunnel("s", "-i", "tun0", "--addr", "10.9.0.1/24", "-d")
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    client = lab.tunnel("c", "-i", "tun0", "--addr", "10.9.0.2/24", "--reconnect")
+    talk = lab.spawn("c", [sys.executable, "-u", "-c", TCP_TALK, "10.9.0.1"], "talk.log")
+    lab.spawn("s", [sys.executable, "-c", TCP_ECHO, "10.9.0.1"], "tcp-echo.log")
+    wait_for(lambda: "echoed 1" in log_of(talk), "a first line over TCP, through the tunnel", timeout=15)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(TIMEOUT) == 0
+    wait_for(lambda: "trying again every 3 s until it is back (--reconnect)" in log_of(client), "the client to say so")
+    server = lab.tunnel("s", "-i", "tun0", "--addr", "10.9.0.1/24", "-d")
+    wait_for(lambda: "CLIENT: the server is back: connected to 192.0.2.1 again" in log_of(client), "the client back")
+    wait_for(lambda: "echoed 5" in log_of(talk), "the same TCP connection to go on", timeout=30)
+    assert log_of(client).count("trying again") == 1 and client.poll() is None  # one line per outage
+    assert "reset" not in log_of(talk)
+
+
+TCP_ECHO = """
+import socket, sys
+with socket.create_server((sys.argv[1], 7001)) as listener:
+    connection, _ = listener.accept()
+    while True:
+        data = connection.recv(100)
+        if not data:
+            break
+        connection.sendall(data)
+"""
+
+TCP_TALK = """
+import socket, sys, time
+for _ in range(100):
+    try:
+        s = socket.create_connection((sys.argv[1], 7001), timeout=2)
+        break
+    except OSError:
+        time.sleep(0.2)
+s.settimeout(60)
+for n in range(1, 6):
+    s.sendall(b"line %d" % n)
+    print("echoed", n, s.recv(100).decode(), flush=True)
+    time.sleep(1)
+"""
 
 
 def key_file(tmp_path, name="class.key", content=None):
