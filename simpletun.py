@@ -2411,7 +2411,7 @@ def parse_args(argv=None):
         parser.error("choose server (-s) or client (-c HOST) mode")
     for flag, role, needs in (("bind", "server", args.server), ("clients", "server", args.server),
                               ("reconnect", "client", args.client)):
-        if getattr(args, flag) not in (None, False, 1) and not needs:
+        if getattr(args, flag) != parser.get_default(flag) and not needs:
             parser.error("--%s is for the %s (%s)" % (flag, role, "-s" if role == "server" else "-c HOST"))
     for flag in ("offload", "two_writes", "udp"):
         if args.clients > 1 and getattr(args, flag):
