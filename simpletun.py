@@ -399,30 +399,16 @@ def main(argv=None):
 # a subclass or a logging handler the tunnel offers, and the tunnel never calls it.
 # =======================================================================================
 
-import collections  # noqa: E402 -- the extras' own imports: the tunnel above needs none of them
-import hashlib  # noqa: E402
-import heapq  # noqa: E402
-import hmac  # noqa: E402
-import ipaddress  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import select  # noqa: E402
-import shutil  # noqa: E402
-import ssl  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+# the extras' own imports: the tunnel above needs none of them
+import collections, hashlib, heapq, hmac, ipaddress, itertools, json, math  # noqa: E401,E402
+import re, select, shutil, ssl, subprocess, time  # noqa: E401,E402
 
 __version__ = "2.0.0"
 
-# The extras, in the order a student meets them:
-#    1. ExtraLink: the full program's link (a subclass of Link)   2. TLS (--tls)
-#    3. the server's waiting room (WaitingRoom: the selector serve() uses)
-#    4. --addr/--mtu   5. what a line is about: -dd, -ddd, the demo's stamps (the Lines handler)
-#    6. --offload (the frame header and the read size)   7. --udp (a Link of datagrams)
-#    8. a class on one server (--clients: the Switch, relay()'s link)
-#    9. the demo and the bench (--demo)   10. the full command line (full_main)
+# The extras, in the order a student meets them: 1. ExtraLink, the full program's link  2. TLS (--tls)
+#    3. the server's waiting room (the selector serve() uses)  4. --addr, --mtu  5. -dd, -ddd and the demo's
+#    stamps (Lines, a logging handler)  6. --offload  7. --udp, --key (a Link of datagrams)  8. a class on
+#    one server (--clients: the Switch, relay()'s link)  9. the demo (--demo)  10. the full command line
 
 
 # ---- 1. The full program's link: ExtraLink --------------------------------------------------
@@ -735,8 +721,6 @@ class WaitingRoom(selectors.DefaultSelector):
         listener.setblocking(False)
         self.register(listener, selectors.EVENT_READ, self.accept)
 
-    # -- the loop's side: deadlines ---------------------------------------------------------
-
     def select(self, timeout=None):
         """Send away whoever's time is up, then wait as the loop asks, but not past the next deadline."""
         if not self.newcomers and not self.closing and not self.report_at:  # the usual case: cheap
@@ -794,8 +778,6 @@ class WaitingRoom(selectors.DefaultSelector):
             self.unsaid += 1
         if self.report_at is None:
             self.report_at = time.monotonic() + REPORT_EVERY
-
-    # -- newcomers ------------------------------------------------------------------------
 
     def next_client(self):
         """serve()'s next_client: admit newcomers until one proves itself; return its Link. (A class's
@@ -915,8 +897,6 @@ class WaitingRoom(selectors.DefaultSelector):
         """A newcomer's wait is over."""
         del self.newcomers[newcomer.sock]
         self.unregister(newcomer.sock)
-
-    # -- goodbyes --------------------------------------------------------------------------
 
     def say_goodbye(self, sock, how):
         """Close a connection without waiting: "orderly" (TLS close_notify, then FIN), "cut" (FIN
@@ -1042,12 +1022,11 @@ def configure_device(name, interface=None, mtu=None):
 
 
 def announce(interface, device):
-    """A client with --addr says where it is: one UDP datagram from its address to its network's
-    broadcast address (IPv6: all nodes), port 9, "discard", through the tunnel. A class server
-    (--clients) learns the address at once; the server's host discards it."""
-    to = ("ff02::1", 9, 0, socket.if_nametoindex(device)) if interface.version == 6 else \
-        (str(interface.network.broadcast_address), 9)
-    with socket.socket(socket.AF_INET6 if interface.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    """A client with --addr says where it is: a UDP datagram from its address to its network's broadcast
+    (IPv6: all nodes), port 9 ("discard"), through the tunnel: a class server (--clients) learns it."""
+    v6, broadcast = interface.version == 6, str(interface.network.broadcast_address)
+    to = ("ff02::1", 9, 0, socket.if_nametoindex(device)) if v6 else (broadcast, 9)
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         sock.bind((str(interface.ip), 0))
         sock.sendto(b"simpletun.py: %s is here" % str(interface.ip).encode(), to)
@@ -1297,13 +1276,12 @@ def describe_transport(protocol, payload, icmp_types):
 
 
 # ---- 6. Segmentation offload (--offload): set_offload(), the greeting, describe_offloaded() ---
-#      Attaches through tun_alloc's flags (IFF_VNET_HDR), the Tunnel's read size and the Link's
-#      frame header and buffer size. Each packet costs each end a device read or write and the
-#      inner TCP stack's work, so: fewer, bigger packets. The kernel hands a TCP stream to the
-#      device as super-packets of up to 64 KiB, each behind a 10-byte virtio_net_hdr saying how to
-#      cut it into segments (its checksums unfinished: the outer TCP checksum, or TLS, guards it);
-#      the peer writes both unchanged. A read can be longer than a 2-byte length states, so frames
-#      carry 4; each end's first frame, in the default format, is GREETING: a mismatch is named.
+#      Attaches through tun_alloc's flags (IFF_VNET_HDR), the Tunnel's read size and the Link's frame
+#      header and buffer size. Each packet costs a device read or write and the inner TCP's work, so:
+#      fewer, bigger packets. The kernel hands a TCP stream to the device as super-packets of up to
+#      64 KiB, each behind a 10-byte virtio_net_hdr saying how to cut it into segments (checksums
+#      unfinished: the outer TCP, or TLS, guards it); the peer writes both unchanged. Frames carry a
+#      4-byte length; each end's first frame, in the default format, is GREETING: a mismatch is named.
 
 IFF_VNET_HDR = 0x4000  # each read/write starts with a struct virtio_net_hdr
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int): which offloads the device may hand us
@@ -1373,17 +1351,14 @@ def describe_offloaded(packet, tap):
 
 
 # ---- 7. One packet per datagram (--udp, --key): DatagramLink, udp_socket(), UdpClock -------
-#      A Link that relay() drives as it is: each queued packet goes as one datagram (a datagram
-#      keeps its own length), and each datagram received is one packet for cut(). No stream, so no
-#      TCP over TCP: a lost datagram is repaired, if at all, by the connections inside. Runs of
-#      equal-size packets go in one system call (UDP_SEGMENT), and the kernel hands over runs of
-#      datagrams at once (UDP_GRO): on the wire each packet is still one datagram.
-#      Without --key the peer may be any program that sends one packet per datagram (the VPN lab's
-#      relays write every datagram to their device): we send it packets only. The server serves
-#      the sender of the first plausible packet and lets another sender in only once its client has
-#      been silent UDP_SILENCE s. With --key every datagram carries a number and a keyed MAC of
-#      it and the packet (BLAKE2b): only key holders are served, the newest at once, nothing is
-#      replayed, and both ends say "still here" every UDP_HEARTBEAT s. Packets still cross in clear.
+#      A Link that relay() drives as it is: each packet one datagram, and no TCP over TCP. Runs of
+#      equal-size packets go in one system call (UDP_SEGMENT) and come in one (UDP_GRO); on the wire
+#      each packet is still one datagram. Without --key the peer may be any program that sends one
+#      packet per datagram (the VPN lab's relays write every datagram to their device): it is sent
+#      packets only, and the server serves the first plausible sender until it has been silent
+#      UDP_SILENCE s. With --key each datagram carries a number and a keyed MAC (BLAKE2b) of it and
+#      the packet: only key holders are served, the newest at once, nothing is replayed, and both
+#      ends say "still here" every UDP_HEARTBEAT s. Packets still cross in clear.
 
 UDP_SILENCE = 3  # seconds: a silent client may lose its slot; a client that hears nothing says so
 UDP_HEARTBEAT = 1  # --key: seconds an end may send nothing before it says "still here"
@@ -1397,8 +1372,7 @@ GRO_SPACE = socket.CMSG_SPACE(4)  # room for the kernel's note of a run's datagr
 NUMBER = struct.Struct("!Q")  # --key: each datagram's number, before the packet
 TAG_SIZE = 16  # --key: the keyed BLAKE2b tag after the packet, over the number and the packet
 KEY_OVERHEAD = NUMBER.size + TAG_SIZE
-REPLAY_WINDOW = 64  # --key: how far behind the newest number a late datagram is still taken (as IPsec)
-REPLAY_MASK = (1 << REPLAY_WINDOW) - 1  # the window's bits
+REPLAY_WINDOW, REPLAY_BITS = 64, (1 << 64) - 1  # --key: how late a datagram may come (as IPsec's), its bits
 
 
 def read_key(path):
@@ -1428,13 +1402,13 @@ class DatagramLink(Link):
         self.heard_at = self.sent_at = 0  # when the peer last sent a datagram; when we last did
         self.unanswered = None  # client: since when what we sent has had no answer
         self.told = set()  # what was said once: "no client", "unanswered", "silent", "malformed"
-        # senders named (at most MAX_STRANGERS), datagrams dropped, packets this host would not send
+        # senders named (MAX_STRANGERS at most); datagrams dropped, packets not sent, packets not whole
         self.strangers, self.dropped, self.unsent, self.malformed = set(), 0, 0, 0
         self.packets = []  # what the last receive kept for cut(): views of the buffer
-        # --key: our next number (from the clock: a restarted end goes on above its old numbers);
-        # the newest number received and a bit for each of the REPLAY_WINDOW before it
+        # --key: our next number (from the clock: a restarted end goes on above its old numbers), the
+        # newest number received and a bit for each of the REPLAY_WINDOW before it; a keyed MAC for
+        # each direction (a datagram sent back to its sender fails)
         self.number, self.newest, self.seen = time.time_ns(), 0, 0
-        # --key: the keyed MAC, one for each direction: a datagram sent back to its sender fails
         ours, theirs = (b"client", b"server") if self.client else (b"server", b"client")
         self.sealer, self.opener = (key and hashlib.blake2b(key=key, digest_size=TAG_SIZE, person=person)
                                     for person in (ours + b" to " + theirs, theirs + b" to " + ours))
@@ -1443,13 +1417,11 @@ class DatagramLink(Link):
         """A server with no client yet: no "Written ... to the network" line for a packet going nowhere."""
         return self.peer is not None or not record.msg.endswith("to the network")
 
-    # -- sending ----------------------------------------------------------------------------
-
     def send_queued(self):
         """Send each queued packet as one datagram, a run of one size per call (no peer yet: drop them)."""
-        if self.peer is None and "no client" not in self.told:
-            self.told.add("no client")
-            log.warning("SERVER: no client yet: what the device hands over is dropped until one sends")
+        if self.peer is None:
+            self.say_once("no client", "SERVER: no client yet: what the device hands over is dropped until "
+                          "one sends")
         start = 0 if self.peer else len(self.out)
         with memoryview(self.out) as out:
             while start < len(out):
@@ -1472,8 +1444,7 @@ class DatagramLink(Link):
             run = None  # (views of the queue: they must go before the queue can change)
         if start and self.peer:
             self.sent_at = time.monotonic()
-            if self.unanswered is None:
-                self.unanswered = self.sent_at
+            self.unanswered = self.unanswered or self.sent_at  # (until something comes back)
         del self.out[:start]
 
     def next_run(self, out, start):
@@ -1505,8 +1476,6 @@ class DatagramLink(Link):
         tag.update(number)
         tag.update(packet)
         return number, packet, tag.digest()
-
-    # -- receiving --------------------------------------------------------------------------
 
     def receive(self):
         """Take the datagrams waiting; keep the packets from our peer for cut(); None if none is."""
@@ -1550,23 +1519,22 @@ class DatagramLink(Link):
             self.told -= {"unanswered", "silent"}
         if packet and not self.tap and not self.key and not looks_like_ip(packet, len(packet)):
             self.malformed += 1  # cut short by a lab relay's small buffer, or garbage: the kernel drops it
-            if "malformed" not in self.told:
-                self.told.add("malformed")
-                log.warning("%s sent a datagram that is no whole IP packet (%d bytes; its IP header says "
-                            "otherwise): not written; such datagrams are counted", self.address, len(packet))
-            return None
+            return self.say_once("malformed", "%s sent a datagram that is no whole IP packet (%d bytes; its "
+                                 "IP header says otherwise): not written; such datagrams are counted",
+                                 self.address, len(packet))
         return packet
 
     def takes(self, sender, packet, now):
-        """Server: True if a new sender becomes our peer. Without --key, the first plausible packet's
-        sender while we have none, or once our client has been silent UDP_SILENCE s; with --key,
-        the newest key holder, at once (its datagram's tag proved it)."""
+        """Server: True if a new sender becomes our peer. Without --key, a plausible packet's sender while
+        we have none or our client has been silent UDP_SILENCE s; with --key, the newest key holder."""
         if not self.key:
             if not packet:  # a --key end's heartbeat, or noise: nothing to write
                 return False
-            why = packet_mismatch(packet, len(packet), self.tap)
-            if why or len(packet) == KEY_OVERHEAD:
-                why = self.keyed_peer(packet) or why
+            inner = packet[NUMBER.size:-TAG_SIZE]  # what a --key end's datagram carries
+            if len(packet) == KEY_OVERHEAD or not self.tap and inner and looks_like_ip(inner, len(inner)):
+                why = "it runs with --key, this end without: give both ends the same --key FILE"
+            else:
+                why = packet_mismatch(packet, len(packet), self.tap)
             if not why and self.peer and now - self.heard_at < UDP_SILENCE:
                 why = "it sent a packet, but %s is being served" % self.address
             if why:
@@ -1588,7 +1556,7 @@ class DatagramLink(Link):
         (number,) = NUMBER.unpack_from(datagram)
         if number > self.newest:  # the newest yet: the window moves on
             shift = number - self.newest
-            self.seen = (self.seen << shift | 1) & REPLAY_MASK if shift < REPLAY_WINDOW else 1
+            self.seen = (self.seen << shift | 1) & REPLAY_BITS if shift < REPLAY_WINDOW else 1
             self.newest = number
         elif self.newest - number >= REPLAY_WINDOW or self.seen >> (self.newest - number) & 1:
             return None  # too old to tell, or taken before: a replay
@@ -1596,25 +1564,14 @@ class DatagramLink(Link):
             self.seen |= 1 << (self.newest - number)
         return datagram[NUMBER.size:-TAG_SIZE]
 
-    def keyed_peer(self, packet):
-        """Without --key: why a datagram that looks like a --key end's is not taken, else None: a
-        heartbeat (a number and a tag, nothing between), or (tun) an IP packet between them."""
-        inner = packet[NUMBER.size:-TAG_SIZE]
-        if len(packet) == KEY_OVERHEAD or not self.tap and inner and looks_like_ip(inner, len(inner)):
-            return "it runs with --key, this end without: give both ends the same --key FILE"
-        return None
-
     def drop(self, sender, why):
-        """Drop a datagram that is not our peer's: name its sender once (at most MAX_STRANGERS), count it.
-        Return None (for admitted())."""
+        """Drop a datagram that is not our peer's: count it, name its sender once (MAX_STRANGERS at most)."""
         self.dropped += 1
         if sender not in self.strangers and len(self.strangers) < MAX_STRANGERS:
             self.strangers.add(sender)
             log.warning("%s: dropping datagrams from %s: %s (counted, not logged again)",
                         "CLIENT" if self.client else "SERVER", udp_address(sender), why)
         return None
-
-    # -- time: what an end says, or sends, when nothing happens --------------------------------
 
     def tick(self, now):
         """Say "still here" (--key) after UDP_HEARTBEAT s without sending; a client that has heard
@@ -1625,23 +1582,27 @@ class DatagramLink(Link):
                 self.out += HEADER.pack(0)  # an empty packet, numbered and tagged: only a key holder takes it
                 self.send_queued()
             due = max(0.1, self.sent_at + UDP_HEARTBEAT - now)
-        if self.client and self.unanswered and not self.told & {"silent", "unanswered"}:
+        if self.client and self.unanswered and "unanswered" not in self.told:
             if now - self.unanswered < UDP_SILENCE:
                 return min(due, self.unanswered + UDP_SILENCE - now)
-            self.told.add("silent")
-            log.warning("CLIENT: nothing has come back from %s for %g s: does the server run with --udp, "
-                        "in this mode (%s)%s? Its log says which (or nothing inside the tunnel answers)",
-                        self.address, UDP_SILENCE, "-a" if self.tap else "-u",
-                        ", with the same --key" if self.key else ", without --key")
+            self.say_once("silent", "CLIENT: nothing has come back from %s for %g s: does the server run "
+                          "with --udp, in this mode (%s)%s? Its log says which (or nothing inside the tunnel "
+                          "answers)",
+                          self.address, UDP_SILENCE, "-a" if self.tap else "-u",
+                          ", with the same --key" if self.key else ", without --key")
         return due
 
     def say_unanswered(self):
         """Client: the server's host answered with ICMP port unreachable. Say so once per silence."""
-        if "unanswered" not in self.told:
-            self.told.add("unanswered")
-            log.warning("CLIENT: nothing answers at %s port %d (ICMP port unreachable): is the server "
-                        "running, with --udp? The client goes on, and its packets are lost until it is",
-                        self.address, self.peer[1])
+        self.say_once("unanswered", "CLIENT: nothing answers at %s port %d (ICMP port unreachable): is the "
+                      "server running, with --udp? The client goes on, and its packets are lost until it is",
+                      self.address, self.peer[1])
+
+    def say_once(self, what, text, *args):
+        """Log a line about `what` unless it was said already (until what it says is over)."""
+        if what not in self.told:
+            self.told.add(what)
+            log.warning(text, *args)
 
     def close(self):
         """Say how many datagrams were dropped, then close."""
@@ -1719,13 +1680,11 @@ def udp_socket(args, key=None):
 
 
 # ---- 8. A class on one server (--clients N): Switch, packet_ends() ---------------------------
-#      Up to N clients at once, as one network. relay() runs once, with a Switch as its link: what
-#      the device hands over lands in its queue, and its send_queued() gives each packet to the client
-#      that owns its destination (tap: broadcast, multicast and unknown ones to every client). Each
-#      client is an ExtraLink the waiting room admits, with a handler of its own; its packets must come
-#      from addresses it owns (learnt from what it sent, first come, first served), and go to the
-#      device or straight to the client they are for: the server forwards itself, nothing to set up on
-#      its host. A client's queue is bounded: one that stops reading loses its own packets, no one else's.
+#      relay() runs once, with a Switch as its link: its send_queued() gives what the device hands
+#      over to the client that owns each destination (tap: broadcast, multicast, unknown: to all).
+#      Each client is an ExtraLink the waiting room admits, with a handler of its own; its packets must
+#      come from addresses it owns (learnt from what it sent: first come, first served), and go to the
+#      device or straight to the client they are for. A client that stops reading loses its own packets.
 
 MAX_OWNED = 16  # addresses one client may own: a tunnel address or two, IPv6's, a bridge's MACs
 RECONNECT_EVERY = 3  # seconds between a --reconnect client's tries
@@ -1735,12 +1694,10 @@ def packet_ends(packet, tap):
     """A packet's (source, destination) addresses: MACs (tap), IPv4 or IPv6 (tun); (None, None) if neither."""
     if tap:
         return bytes(packet[6:12]), bytes(packet[:6])
-    version = packet[0] >> 4 if packet else 0
-    if version == 4 and len(packet) >= 20:
-        return bytes(packet[12:16]), bytes(packet[16:20])
-    if version == 6 and len(packet) >= 40:
-        return bytes(packet[8:24]), bytes(packet[24:40])
-    return None, None
+    start, size = {4: (12, 4), 6: (8, 16)}.get(packet[0] >> 4, (0, 0))  # where the source begins, its size
+    if not size or len(packet) < start + 2 * size:
+        return None, None
+    return bytes(packet[start:start + size]), bytes(packet[start + size:start + 2 * size])
 
 
 class Switch(Link):
@@ -1750,30 +1707,35 @@ class Switch(Link):
         self.pair = socket.socketpair()  # relay() watches the link's socket: this one never speaks
         super().__init__(self.pair[0], "the class")
         self.room, self.slots, self.tap, self.debug = room, slots, room.tap, room.debug
-        self.clients = []
-        self.owners = {}  # address -> the client that sent from it first
+        self.clients, self.owners = [], {}  # the clients; address -> the client that sent from it first
         self.said = set()  # what was said once: (client, address) for a spoof, (client,) for a stall
-        self.forwarded = self.spoofed = self.lost = 0  # packets between clients; dropped: spoofed, stalled
+        self.spoofed = self.lost = 0  # packets dropped: from another's address; for a client taking nothing
 
     def join(self, link):
         """A client proved itself in the waiting room: it takes a slot."""
         link.switch, link.owned = self, 0
         self.clients.append(link)
         self.room.register(link.sock, selectors.EVENT_READ, lambda events: self.client_ready(link, events))
-        log.warning("SERVER: %s joined the class (%d of %d slots taken)", link.address, len(self.clients),
+        log.warning("SERVER: %s joined the class (%d of %d slots)", link.address, len(self.clients),
                     self.slots)
 
     def client_ready(self, link, events):
-        """A client's connection can move bytes: as link_ready(); a client whose link ended leaves."""
-        if link not in self.clients:  # it left earlier in this wake-up
-            return
+        """A client's connection can move bytes: as link_ready() (unless it left earlier in this wake-up)."""
+        if link in self.clients:
+            self.move(link, lambda: link_ready(self.room.tunnel, link, events))
+
+    def move(self, link, work):
+        """Do work() on a client's link: if it ended or broke, it leaves; else watch it while frames wait."""
         try:
-            link_ready(self.room.tunnel, link, events)
+            work()
             if link.ended:
                 raise LinkEnded("it closed the connection")
         except (LinkEnded, OSError) as err:
             return self.leave(link, getattr(err, "strerror", None) or err)
-        self.flush([link])
+        if len(link.out) < OUT_LIMIT:
+            self.said.discard((link,))
+        self.room.modify(link.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if link.out else 0),
+                         self.room.get_key(link.sock).data)
 
     def leave(self, link, why):
         """A client has gone: its slot and its addresses are free at once."""
@@ -1783,8 +1745,8 @@ class Switch(Link):
         for address in [a for a, owner in self.owners.items() if owner is link]:
             del self.owners[address]
         self.said = {said for said in self.said if said[0] is not link}
-        log.warning("SERVER: %s left the class: %s (%d of %d slots taken)", link.address, why,
-                    len(self.clients), self.slots)
+        log.warning("SERVER: %s left the class: %s (%d of %d slots)", link.address, why, len(self.clients),
+                    self.slots)
 
     def send_queued(self):
         """TAP2NET: each packet the device handed over, to the client that owns its destination."""
@@ -1797,7 +1759,8 @@ class Switch(Link):
                 given.update(self.deliver(out[start:end], destination))
                 start = end
         del self.out[:]
-        self.flush(given)
+        for link in given:  # each client's share, in one send
+            self.move(link, link.send_queued)
 
     def from_client(self, link, packet):
         """NET2TAP: a client's packet is dropped if its source is another's; one for another client
@@ -1809,20 +1772,20 @@ class Switch(Link):
             link.owned += 1
         if owner is not link:
             self.spoofed += 1
-            if (link, source) not in self.said:
-                self.said.add((link, source))
+            if (link, owner and source) not in self.said:  # once per address of another's; once for the rest
+                self.said.add((link, owner and source))
                 log.warning("SERVER: dropping %s's packets from %s: %s (counted, not logged again)",
                             link.address, mac_text(source) if self.tap else ipaddress.ip_address(source),
                             "that address is %s's" % owner.address if owner else "it owns %d" % MAX_OWNED)
             return False
         to = self.owners.get(destination)
-        if to or self.tap and destination[0] & 1:  # (the group bit: broadcast or multicast)
-            self.flush(self.deliver(HEADER.pack(len(packet)) + packet, destination, link))
+        if to or self.tap and destination[0] & 1:  # another client's, or (the group bit) a broadcast
+            for other in self.deliver(HEADER.pack(len(packet)) + packet, destination, link):
+                self.move(other, other.send_queued)
         return to is None
 
     def deliver(self, frame, destination, sender=None):
-        """Queue a frame for the client that owns its destination (tap: none does, or a broadcast: for
-        every client but the sender); return the clients given it."""
+        """Queue a frame for its destination's owner (tap: none, or a broadcast: all but the sender)."""
         to = self.owners.get(destination)
         given = [to] if to else [c for c in self.clients if c is not sender] if self.tap else []
         for link in given:
@@ -1833,31 +1796,17 @@ class Switch(Link):
                     log.warning("SERVER: %s takes nothing: packets for it are dropped, counted", link.address)
                 continue
             link.out += frame
-            self.forwarded += sender is not None
             if self.debug > 1 or self.debug and sender:
                 log.debug("CLASS: %s -> %s: %d bytes%s", sender.address if sender else "the server",
                           link.address, len(frame) - HEADER.size, ", forwarded by the server" * bool(sender))
         return given
 
-    def flush(self, links):
-        """Send what is queued for these clients; watch a socket for writing while frames wait for it."""
-        for link in links:
-            try:
-                link.send_queued()
-            except (LinkEnded, OSError) as err:
-                self.leave(link, getattr(err, "strerror", None) or err)
-                continue
-            if len(link.out) < OUT_LIMIT:
-                self.said.discard((link,))
-            self.room.modify(link.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if link.out else 0),
-                             self.room.get_key(link.sock).data)
-
     def close(self):
         """The server stops: goodbye to every client, and what the class passed on, in one line."""
         for link in list(self.clients):
             self.leave(link, "the server stops")
-        log.warning("SERVER: the class: %d packet(s) forwarded between clients; dropped %d from a source not "
-                    "the sender's, %d for a client taking nothing", self.forwarded, self.spoofed, self.lost)
+        log.warning("SERVER: the class dropped %d packet(s) from another's address, %d for clients taking "
+                    "nothing", self.spoofed, self.lost)
         self.pair[1].close()
         super().close()
 
@@ -2006,9 +1955,8 @@ def loss_explains(replies, count, loss):
     """True unless so few replies are unlikely (under 1 in 1000) on a cable that loses loss % each way:
     a round trip crosses it twice. (A tunnel over TCP repairs losses: it does better, never worse.)"""
     crosses = (1 - loss / 100) ** 2
-    chance = sum(math.comb(count, k) * crosses ** k * (1 - crosses) ** (count - k)  # binomial: P(<= replies)
-                 for k in range(replies + 1))
-    return chance >= 0.001
+    return sum(math.comb(count, k) * crosses ** k * (1 - crosses) ** (count - k)  # binomial: P(<= replies)
+               for k in range(replies + 1)) >= 0.001
 
 
 def remove_stale_demos():
@@ -2070,15 +2018,12 @@ def make_cable_lossy(namespaces, method, loss, delay):
 
 def outer_retransmissions(namespace, port_filter):
     """How many segments the tunnel's own TCP connection retransmitted, as ss -ti reports it, in words."""
-    for _ in range(2):  # once more if ss failed: this is the figure lab 7 asks for
-        try:
-            text = ip_command("netns", "exec", namespace, "ss", "-tiH", "state", "established", port_filter)
-        except (UserError, OSError) as err:
-            why = err
-            continue
-        found = re.search(r"retrans:\d+/(\d+)", text)
-        return "%s segment(s)" % (found.group(1) if found else "0")
-    return "an unknown number of segments (ss failed: %s)" % why
+    try:
+        text = ip_command("netns", "exec", namespace, "ss", "-tiH", "state", "established", port_filter)
+    except (UserError, OSError) as err:
+        return "an unknown number of segments (ss failed: %s)" % err
+    found = re.search(r"retrans:\d+/(\d+)", text)
+    return "%s segment(s)" % (found.group(1) if found else "0")
 
 
 def start_in(namespace, command):
@@ -2320,13 +2265,10 @@ def number_between(low, high, name, kind=int):
 
 def ip_interface(text):
     """argparse type: an IPv4 or IPv6 address with its prefix length, e.g. 10.0.0.1/24 or fd00::1/64."""
-    try:
-        if "/" not in text:
-            raise ValueError
-        return ipaddress.ip_interface(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not an address/prefix such as 10.0.0.1/24 or fd00::1/64: %r"
-                                         % text) from None
+    if "/" in text:
+        with contextlib.suppress(ValueError):
+            return ipaddress.ip_interface(text)
+    raise argparse.ArgumentTypeError("not an address/prefix such as 10.0.0.1/24 or fd00::1/64: %r" % text)
 
 
 def parse_args(argv=None):
@@ -2346,12 +2288,10 @@ def parse_args(argv=None):
                         "prefix (IPv4 or IPv6, e.g. 10.0.0.1/24 or fd00::1/64) and bring it up")
     parser.add_argument("--mtu", metavar="N", type=number_between(MIN_MTU, MAX_MTU, "an MTU"),
                         help="set the device's MTU (%d-%d; tap: up to %d)" % (MIN_MTU, MAX_MTU, MAX_TAP_MTU))
-    parser.add_argument("--tls", metavar="FILE",
-                        help="encrypt and authenticate with TLS: FILE is one PEM file holding this end's "
-                             "certificate and private key (see the README: Encryption)")
-    parser.add_argument("--tls-peer", metavar="CERT",
-                        help="with --tls: the peer's certificate, the only one accepted "
-                             "(default: the certificate in the --tls FILE)")
+    parser.add_argument("--tls", metavar="FILE", help="encrypt and authenticate with TLS: FILE is one PEM "
+                        "file holding this end's certificate and private key (see the README: Encryption)")
+    parser.add_argument("--tls-peer", metavar="CERT", help="with --tls: the peer's certificate, the only one "
+                        "accepted (default: the certificate in the --tls FILE)")
     parser.add_argument("--bind", metavar="ADDR", help="server: listen on this address only (default: all)")
     parser.add_argument("--clients", metavar="N", type=number_between(1, MAX_NEWCOMERS * 32, "a class"),
                         default=1, help="server: serve up to N clients at once, as one network (default 1)")
@@ -2364,9 +2304,8 @@ def parse_args(argv=None):
                         "key holder is served, nothing is replayed; packets still cross in clear")
     parser.add_argument("--two-writes", action="store_true", help="send as the C original does, to see its "
                         "40 ms stall: length and packet in two sends, Nagle on (still wire-compatible)")
-    parser.add_argument("--offload", action="store_true",
-                        help="let the kernel hand over 64 KiB super-packets (TSO/GSO): several times the "
-                             "throughput; both ends need it, and a C simpletun peer cannot take it")
+    parser.add_argument("--offload", action="store_true", help="let the kernel hand over 64 KiB super-"
+                        "packets (TSO/GSO): several times the throughput; both ends need it (not a C peer)")
     demo = parser.add_argument_group("the one-machine demo")
     demo.add_argument("--demo", action="store_true",
                       help="show the whole tunnel on this machine: two network namespaces, a server, "
@@ -2380,8 +2319,8 @@ def parse_args(argv=None):
                       help="the demo's cable loses PCT %% of packets each way")
     demo.add_argument("--delay", metavar="MS", default=0, type=number_between(0, 1e4, "a delay in ms", float),
                       help="the demo's cable delays each packet MS ms (needs netem)")
-    demo.add_argument("--bench", action="store_true",
-                      help="measure TCP throughput and ping over the demo's cable and through its tunnel")
+    demo.add_argument("--bench", action="store_true", help="measure TCP throughput and ping over the demo's "
+                      "cable and through its tunnel")
     parser.add_argument("--timestamps", action="store_true", help=argparse.SUPPRESS)  # the demo's ends
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
@@ -2398,7 +2337,8 @@ def parse_args(argv=None):
     if args.tls_peer and not args.tls:
         parser.error("--tls-peer needs --tls FILE (this end's certificate and key)")
     if args.demo:
-        if args.iface or args.server or args.client or args.addr or args.tls_peer or args.bind or args.mtu:
+        if args.iface or args.server or args.client or args.addr or args.tls_peer or args.bind or args.mtu \
+                or args.clients > 1 or args.reconnect:
             parser.error("--demo sets up both ends itself: it takes only -a, -d, --tls, --offload, --udp, "
                          "--key, --two-writes, --lan, --keep, --loss, --delay and --bench")
         return args
@@ -2443,16 +2383,9 @@ def run_client_again(tunnel, host, port, make_link):
     """--reconnect: run_client(), and when the server goes away, keep the device (and its address) and
     try again every RECONNECT_EVERY s until it is back; one line per outage. Ctrl-C ends it."""
     away = False
-
-    def back(sock, address):
-        link = make_link(sock, address)
-        if away:
-            log.warning("CLIENT: the server is back: connected to %s again", address)
-        return link
-
     while True:
         try:
-            run_client(tunnel, host, port, back)
+            run_client(tunnel, host, port, make_link)
             away, why = False, "the server went away"
         except UserError as err:
             why = err
