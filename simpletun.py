@@ -936,9 +936,7 @@ class WaitingRoom(selectors.DefaultSelector):
             sock.close()
 
     def close(self):
-        """The server stops: close everyone still waiting or closing."""
-        if self.switch:
-            self.switch.close()
+        """The server stops: close everyone still waiting or closing (serve() has closed its link)."""
         for sock in list(self.newcomers) + list(self.closing):
             sock.close()  # (closing twice is harmless)
         super().close()

@@ -1021,10 +1021,10 @@ with socket.create_server(("", 55555)) as l:
 
 @pytest.mark.netns
 @pytest.mark.parametrize("setup, side, args, says", [
-    ("busy", "s", ["-i", "tun0", "-s", "-p", "5001"], "cannot attach to tun0: Device or resource busy"),
+    ("busy", "s", ["-i", "tun0", "-s", "-p", "5001"], "cannot attach to tun0: another program has it open (is another simpletun.py running on it?)"),
     ("tap", "s", ["-i", "tap7", "-s", "-p", "5002"], "tap7: it exists and is not a device of this kind (tun: -u"),
     ("busy", "s", ["-i", "tun5", "-s"], "port 55555: Address already in use"),
-    (None, "c", ["-i", "tun6", "-c", "192.0.2.1", "-p", "5003"], "refused: is the server running"),
+    (None, "c", ["-i", "tun6", "-c", "192.0.2.1", "-p", "5003"], "refused: is a server running (simpletun.py -s), over TCP?"),
     (None, "c", ["-i", "tun6", "-c", "no-such-host.invalid"], "cannot connect to no-such-host.invalid port 55555"),
     (None, "s", ["-i", "veth0", "-s"], "veth0: it exists and is not a device of this kind"),
 ])
