@@ -8,6 +8,7 @@ import gc
 import io
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -458,7 +459,8 @@ def test_burst_of_packets_arrives_whole_and_in_order(rig):
 
     writer = threading.Thread(target=write_all, daemon=True)
     writer.start()
-    received = r.frames_from_peer(len(packets))
+    time.sleep(0.5)  # the peer reads nothing yet: relay() fills the socket, then stops reading the device
+    received = r.frames_from_peer(len(packets))  # (only a socket watched for writing drains what waits)
     writer.join(TIMEOUT)
     assert received == packets
 
@@ -506,6 +508,9 @@ def test_peer_that_stops_reading_does_not_grow_the_outgoing_buffer(rig):
     r.kernel.setblocking(True)
     r.kernel.settimeout(TIMEOUT)
     assert r.kernel.recv(65536) == b"still moving"
+    # The peer reads again: what waited goes out (the socket is watched for writing), then what the
+    # device held back.
+    assert r.frames_from_peer(sent_to_device // len(packet)) == [packet] * (sent_to_device // len(packet))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1445,6 +1450,8 @@ def test_peer_certificate_file_without_a_certificate_is_one_line(certs, tmp_path
     (["-i", "tun0", "-c", "h", "--bind", "127.0.0.1"], "--bind is for the server (-s)"),
     (["-i", "tun0", "-s", "--udp", "--tls", "x.pem"], "--udp cannot go with --tls (the standard library has no DTLS"),
     (["-i", "tun0", "-s", "--udp", "--offload"], "--udp cannot go with --offload (its 64 KiB super-packets"),
+    # promise: --udp --two-writes is refused in one line, before anything starts
+    (["-i", "tun0", "-s", "--udp", "--two-writes"], "--udp cannot go with --two-writes (it is about TCP"),
 ])
 def test_security_flags_usage_errors(args, reason):
     result = run_script(*args)
@@ -1817,7 +1824,7 @@ def test_tls_handshakes_run_side_by_side_so_silent_connections_cost_nothing(serv
     assert r.kernel.recv(65536) == UDP_PACKET
     # One after another, the first silent connection alone would cost HANDSHAKE_TIMEOUT.
     assert time.monotonic() - started < simpletun.HANDSHAKE_TIMEOUT / 2
-    assert len(silent) == 20
+    assert all(select.select([s], [], [], 0)[0] == [] for s in silent)  # still waiting, none closed yet
 
 
 def test_tls_newest_proven_client_takes_the_slot_and_the_old_one_hears_an_orderly_end(server_rig, certs, caplog):
@@ -1860,10 +1867,11 @@ def test_a_peer_that_takes_nothing_until_the_kernel_drops_it_is_named_so():
     link = simpletun.ExtraLink(ours, "peer")
     ours.setblocking(False)
     with ours, theirs:
+        started = time.monotonic()
         while not link.stalled:  # the peer reads nothing: its side fills up
             link.out += bytes(65536)
             link.send_queued()
-        assert link.stalled <= time.monotonic()
+        assert started <= link.stalled <= time.monotonic() and link.out  # noted when nothing more was taken
         theirs.recv(65536)  # it takes something: not stalled any more
         link.send_queued()
         assert link.stalled is None
@@ -3321,3 +3329,131 @@ def test_udp_socket_buffers_hold_a_burst():
     with link.sock:
         got = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports double
         assert got >= (simpletun.UDP_BUFFER if os.geteuid() == 0 else min(ceiling, simpletun.UDP_BUFFER))
+
+
+# ---- Promises each guarded by a test that fails without them ----------------------------------
+
+def test_a_full_waiting_room_resets_its_longest_waiting_newcomer_not_the_newest(server_rig, monkeypatch):
+    # Promise: a flood cannot keep a real client out: the oldest waiting newcomer leaves for a new one.
+    monkeypatch.setattr(simpletun, "MAX_NEWCOMERS", 3)
+    r = server_rig()
+    waiting = [r.connect() for _ in range(3)]
+    time.sleep(0.2)  # all three in the room, oldest first
+    newest = r.connect()
+    waiting[0].settimeout(TIMEOUT)
+    with pytest.raises(ConnectionResetError):
+        waiting[0].recv(10)  # the longest waiting: reset
+    newest.sendall(frame(UDP_PACKET))  # the newest is still there, and proves itself
+    assert r.kernel.recv(65536) == UDP_PACKET
+    assert all(select.select([s], [], [], 0)[0] == [] for s in waiting[1:])
+
+
+def test_refusals_beyond_the_first_of_a_kind_are_summed_up_with_their_count(server_rig, caplog, monkeypatch):
+    # Promise: under a flood, refusals are counted and summed up, not printed one by one.
+    monkeypatch.setattr(simpletun, "REPORT_EVERY", 0.5)
+    r = server_rig()
+    for _ in range(5):
+        r.connect().sendall(b"GET / HTTP/1.1\r\n\r\n")
+    wait_for(lambda: any("not named above" in m for m in caplog.messages), "the summary")
+    summary = next(m for m in caplog.messages if "not named above" in m)
+    # (the rig's own probe for the port is one more refusal: "1 closed")
+    assert re.search(r"refused 6 connection\(s\) in the last \d+ s \(4 not named above\): 1 closed, 5 not a "
+                     r"tunnel end$", summary), summary
+    assert len([m for m in caplog.messages if "refused 127.0.0.1: its first frame" in m]) == 1
+
+
+def test_udp_key_heartbeat_is_taken_as_still_here_and_never_written_to_the_device():
+    with keyed_ends() as (tunnel, server, kernel, client):
+        for packet in (b"", UDP_PACKET):  # a heartbeat, then a packet
+            client.sock.send(sealed(client, packet))
+        time.sleep(0.05)
+        simpletun.net2tap(tunnel, server)
+        assert kernel.recv(65536) == UDP_PACKET and not select.select([kernel], [], [], 0.1)[0]
+        assert tunnel.net2tap == 1 and server.peer == client.sock.getsockname()
+
+
+def test_offload_client_refuses_a_first_frame_that_is_not_the_greeting():
+    # Promise: an --offload end names a peer without --offload instead of taking its frames.
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        link = simpletun.ExtraLink(ours, "server", simpletun.OFFLOAD_HEADER)
+        theirs.sendall(frame(ECHO_REQUEST))  # a plain server's first frame
+        with pytest.raises(LinkEnded, match="the server runs without --offload: its first frame is not the greeting"):
+            simpletun.greet_server(link)
+
+
+def test_a_device_write_is_stamped_when_its_packet_arrived_so_the_timeline_keeps_causal_order():
+    # Promise: in the demo's timeline a packet's reply (printed by the other end) never comes before
+    # the line that wrote its request: the write line carries the time the packet came from TCP.
+    out = io.StringIO()
+    lines = simpletun.Lines(program_args(debug=1, timestamps=True), out)
+    record = lambda msg, *args: logging.LogRecord("simpletun", logging.DEBUG, "", 0, msg, args, None)  # noqa: E731
+    lines.emit(record("NET2TAP %d: Read %d bytes from the network", 1, 84))
+    time.sleep(0.05)
+    lines.emit(record("NET2TAP %d: Written %d bytes to the tap interface", 1, 84))
+    read, written = [float(line.split()[0][1:]) for line in out.getvalue().splitlines()]
+    assert written == read
+
+
+def test_a_demo_whose_pings_fail_says_failed_and_exits_1(clean_demo, monkeypatch, capsys):
+    # Promise: the demo's exit status tells whether the pings crossed. Here the pinger pings an address
+    # no host has, through a tunnel that works.
+    calling = simpletun.calling
+    monkeypatch.setattr(simpletun, "calling", lambda call: calling(call.replace("'10.0.0.1'", "'10.0.0.99'")))
+    clean_demo.pids.append(os.getpid())  # the demo runs in this process: its namespaces bear our pid
+    handlers = [(number, signal.getsignal(number)) for number in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        status = simpletun.demo(simpletun.parse_args(["--demo"]))
+    finally:
+        for number, handler in handlers:  # (the demo ignores both while it cleans up)
+            signal.signal(number, handler)
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert "FAILED: not every echo request came back through the tunnel" in out
+    assert clean_demo.left() == []
+
+
+def test_a_client_reset_by_a_full_waiting_room_is_told_why():
+    # Promise: a client pushed out of the server's full waiting room says so, not a bare reset.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        served, _ = listener.accept()
+        served.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        served.close()  # what the room does to the newcomer it evicts: a reset
+        link = simpletun.ExtraLink(client, "127.0.0.1")
+        client.setblocking(False)
+        select.select([client], [], [], TIMEOUT)
+        with client, pytest.raises(LinkEnded) as ended:
+            link.receive()
+        assert str(ended.value) == simpletun.EVICTED
+
+
+@pytest.mark.parametrize("flags_and_offset, says", [
+    (0x2000, "UDP 40000 > 7777"),  # more fragments follow, offset 0: the first fragment has the header
+    (0x2000 | 185, "fragment"),  # offset 185 * 8 bytes: a later fragment, no transport header
+    (0x4000, "UDP 40000 > 7777"),  # don't fragment
+])
+def test_a_first_ip_fragment_is_described_by_its_transport_header(flags_and_offset, says):
+    packet = bytearray(UDP_PACKET)
+    struct.pack_into("!H", packet, 6, flags_and_offset)
+    described = simpletun.describe(bytes(packet), tap=False)
+    assert says in described and (says == "fragment") == ("fragment" in described)
+
+
+@pytest.mark.parametrize("queued, reads", [(simpletun.OUT_LIMIT - 1, True), (simpletun.OUT_LIMIT, False)])
+def test_the_device_is_read_only_while_the_outgoing_queue_is_under_its_bound(queued, reads):
+    # Promise: when the peer stops reading, the queue stops growing at OUT_LIMIT: the device is left
+    # unread (the kernel then drops at the device, as a busy network card would).
+    class Watched(selectors.DefaultSelector):
+        def select(self, timeout=None):
+            self.device_watched = device.fileno() in self.get_map()
+            raise KeyboardInterrupt  # one turn of the loop is enough
+
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours, theirs = socket.socketpair()
+    with device, kernel, ours, theirs, Watched() as selector:
+        link = simpletun.Link(ours, "peer")
+        link.out += bytes(queued)
+        with pytest.raises(KeyboardInterrupt):
+            simpletun.relay(Tunnel(device.fileno(), "tun9"), link, selector)
+        assert selector.device_watched is reads
