@@ -3395,6 +3395,7 @@ def test_a_device_write_is_stamped_when_its_packet_arrived_so_the_timeline_keeps
     assert written == read
 
 
+@pytest.mark.netns
 def test_a_demo_whose_pings_fail_says_failed_and_exits_1(clean_demo, monkeypatch, capsys):
     # Promise: the demo's exit status tells whether the pings crossed. Here the pinger pings an address
     # no host has, through a tunnel that works.
