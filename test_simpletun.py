@@ -1112,6 +1112,9 @@ with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
 def test_addr_takes_ipv6_and_the_tunnel_carries_it(lab, device, mode, transport):
     server = lab.tunnel("s", "-i", device, "--addr", "fd00::1/64", "-d", *mode, *transport)
     wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    shown = [line for line in lab.ip("-n", lab.ns["s"], "addr", "show", "dev", device).stdout.splitlines()
+             if "inet6 fd00::1/64" in line]
+    assert shown and "tentative" not in shown[0]  # usable at once: no duplicate address detection first
     lab.tunnel("c", "-i", device, "--addr", "fd00::2/64", *mode, *transport)
     echo = "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.bind(('fd00::1', 7777))\n" \
            "while True: data, peer = s.recvfrom(100); s.sendto(data, peer)"
@@ -3107,7 +3110,12 @@ def key_file(tmp_path, name="class.key", content=None):
 @pytest.mark.netns
 def test_udp_key_tunnel_crosses_and_a_restarted_client_is_served_within_1_s(lab, tmp_path):
     key = key_file(tmp_path)
-    server, client = start_pair(lab, "tun0", "--udp", "--key", key)
+    server = lab.tunnel("s", "-i", "tun0", "-d", "--udp", "--key", key, "--addr", "10.9.0.1/24")
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    # a packet and its number and tag fit one datagram on a 1500-byte cable: 1500 - 40 - 8 - 24
+    assert "Configured tun0: MTU 1428, address 10.9.0.1/24, up" in log_of(server)
+    client = lab.tunnel("c", "-i", "tun0", "-d", "--udp", "--key", key)
+    lab.configure("c", "tun0")
     lab.echo("s")
     assert tunnel_passes(lab) and lab.probe("c", count=10) == 10
     assert tcp_crosses(lab, 1 << 20, "c")
