@@ -780,8 +780,7 @@ class WaitingRoom(selectors.DefaultSelector):
             self.report_at = time.monotonic() + REPORT_EVERY
 
     def next_client(self):
-        """serve()'s next_client: admit newcomers until one proves itself; return its Link. (A class's
-        link is the Switch, at once: the newcomers who prove themselves join it.)"""
+        """serve()'s next_client: the Link of the next newcomer to prove itself (a class: the Switch)."""
         if self.switch:
             self.active = self.switch
             return self.switch
@@ -1572,8 +1571,7 @@ class DatagramLink(Link):
         return None
 
     def tick(self, now):
-        """Say "still here" (--key) after UDP_HEARTBEAT s without sending; a client that has heard
-        nothing for UDP_SILENCE s since it sent says so, once. Return the seconds until the next tick."""
+        """--key: beat after UDP_HEARTBEAT s unsent; a client unanswered UDP_SILENCE s says so. Next in s."""
         due = UDP_SILENCE
         if self.key and self.peer:
             if now - self.sent_at >= UDP_HEARTBEAT and not self.out:
@@ -1707,6 +1705,7 @@ class Switch(Link):
         self.room, self.slots, self.tap, self.debug = room, slots, room.tap, room.debug
         self.clients, self.owners = [], {}  # the clients; address -> the client that sent from it first
         self.said = set()  # what was said once: (client, address) for a spoof, (client,) for a stall
+        self.given = set()  # the clients given frames in this wake-up: each gets them in one send
         self.spoofed = self.lost = 0  # packets dropped: from another's address; for a client taking nothing
 
     def join(self, link):
@@ -1721,6 +1720,13 @@ class Switch(Link):
         """A client's connection can move bytes: as link_ready() (unless it left earlier in this wake-up)."""
         if link in self.clients:
             self.move(link, lambda: link_ready(self.room.tunnel, link, events))
+            self.flush()
+
+    def flush(self):
+        """Send each client what it was given in this wake-up, in one send."""
+        given, self.given = self.given, set()
+        for link in given & set(self.clients):
+            self.move(link, link.send_queued)
 
     def move(self, link, work):
         """Do work() on a client's link: if it ended or broke, it leaves; else watch it while frames wait."""
@@ -1732,8 +1738,10 @@ class Switch(Link):
             return self.leave(link, getattr(err, "strerror", None) or err)
         if len(link.out) < OUT_LIMIT:
             self.said.discard((link,))
-        self.room.modify(link.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if link.out else 0),
-                         self.room.get_key(link.sock).data)
+        key = self.room.get_key(link.sock)
+        watch = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.out else 0)
+        if key.events != watch:  # (a system call: only when it changes)
+            self.room.modify(link.sock, watch, key.data)
 
     def leave(self, link, why):
         """A client has gone: its slot and its addresses are free at once."""
@@ -1748,17 +1756,15 @@ class Switch(Link):
 
     def send_queued(self):
         """TAP2NET: each packet the device handed over, to the client that owns its destination."""
-        given = set()
         with memoryview(self.out) as out:
             start = 0
             while start < len(out):
                 end = start + HEADER.size + HEADER.unpack_from(out, start)[0]
                 _, destination = packet_ends(out[start + HEADER.size:end], self.tap)
-                given.update(self.deliver(out[start:end], destination))
+                self.given.update(self.deliver(out[start:end], destination))
                 start = end
         del self.out[:]
-        for link in given:  # each client's share, in one send
-            self.move(link, link.send_queued)
+        self.flush()
 
     def from_client(self, link, packet):
         """NET2TAP: a client's packet is dropped if its source is another's; one for another client
@@ -1778,8 +1784,7 @@ class Switch(Link):
             return False
         to = self.owners.get(destination)
         if to or self.tap and destination[0] & 1:  # another client's, or (the group bit) a broadcast
-            for other in self.deliver(HEADER.pack(len(packet)) + packet, destination, link):
-                self.move(other, other.send_queued)
+            self.given.update(self.deliver(HEADER.pack(len(packet)) + packet, destination, link))
         return to is None
 
     def deliver(self, frame, destination, sender=None):
@@ -1932,8 +1937,7 @@ def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=lambda text: 
 
 
 def demo_ping(address, count=DEMO_PINGS, loss=0):
-    """The demo's pinger, run inside the client host: exit status 0 if the replies that came back are
-    all of them, or as many as a cable that loses `loss` % each way leaves."""
+    """The demo's pinger (client host): exit status 0 if every reply came, or what `loss` % explains."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the demo stops us like Ctrl-C
     try:
         times = ping(address, count, say=lambda text: print(stamped(text), flush=True))
@@ -1950,8 +1954,7 @@ def demo_ping(address, count=DEMO_PINGS, loss=0):
 
 
 def loss_explains(replies, count, loss):
-    """True unless so few replies are unlikely (under 1 in 1000) on a cable that loses loss % each way:
-    a round trip crosses it twice. (A tunnel over TCP repairs losses: it does better, never worse.)"""
+    """True unless so few replies are unlikely (under 1 in 1000) with loss % lost each way (TCP: fewer)."""
     crosses = (1 - loss / 100) ** 2
     return sum(math.comb(count, k) * crosses ** k * (1 - crosses) ** (count - k)  # binomial: P(<= replies)
                for k in range(replies + 1)) >= 0.001
