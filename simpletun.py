@@ -2095,7 +2095,7 @@ def demo(args):
         timeline.pump(lambda: pinger.poll() is not None)
         crossed = pinger.returncode == 0
         if args.bench:
-            bench(ns, timeline, mode + (" over UDP" if args.udp else ""))
+            bench(ns, timeline, "%s mode%s" % (mode, " over UDP" if args.udp else ""))
         if args.keep:
             timeline.say(keep_instructions(ns, target, "udp" if args.udp else "tcp"))
             timeline.pump()  # until Ctrl-C or SIGTERM
@@ -2206,7 +2206,7 @@ def bench(ns, timeline, mode):
     finally:
         sink.kill()
         sink.wait()
-    timeline.say("bench, %s mode:%s underlay   tunnel   tunnel vs underlay" % (mode, " " * 19))
+    timeline.say("%-35s underlay   tunnel   tunnel vs underlay" % ("bench, %s:" % mode))
     for name, (under, tunnel) in rows:
         if under is None or tunnel is None:
             timeline.say("  %-32s failed" % name)

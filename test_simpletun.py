@@ -2379,6 +2379,7 @@ def test_demo_delay_needs_netem_and_says_so_where_the_kernel_has_none():
 def test_demo_bench_prints_the_underlay_and_the_tunnel_side_by_side(clean_demo):
     result = clean_demo.run("--bench", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo  | bench, tun mode:                    underlay   tunnel   tunnel vs underlay" in result.stdout
     row = re.search(r"TCP client -> server \(Mbit/s\) +([\d.]+) +([\d.]+) +x ([\d.]+)", result.stdout)
     assert row, result.stdout
     underlay, tunnel, ratio = map(float, row.groups())
@@ -2683,8 +2684,9 @@ print("flooded for %.1f s" % (time.monotonic() - started), flush=True)
 
 
 @pytest.mark.netns
-def test_udp_strangers_flood_is_counted_and_the_client_keeps_crossing(lab):
-    server, client = start_pair(lab, "tun0", "--udp")
+@pytest.mark.parametrize("keyed", [False, True])
+def test_udp_strangers_flood_is_counted_and_the_client_keeps_crossing(lab, tmp_path, keyed):
+    server, client = start_pair(lab, "tun0", "--udp", *(["--key", key_file(tmp_path)] if keyed else []))
     lab.echo("s")
     assert tunnel_passes(lab)
     flood = lab.spawn("c", [sys.executable, "-c", UDP_FLOOD, lab.SERVER_IP], "flood.log")
