@@ -1717,10 +1717,19 @@ def student(r, address, mac=None):
 
 def received(sock, timeout=TIMEOUT):
     """The next packet a client's connection brings, or None if none comes within `timeout` s."""
+    def exactly(size):  # (a TLS socket takes no MSG_WAITALL)
+        data = b""
+        while len(data) < size:
+            more = sock.recv(size - len(data))
+            if not more:
+                raise struct.error("the connection ended")
+            data += more
+        return data
+
     sock.settimeout(timeout)
     try:
-        (length,) = HEADER.unpack(sock.recv(2, socket.MSG_WAITALL))
-        return sock.recv(length, socket.MSG_WAITALL)
+        (length,) = HEADER.unpack(exactly(2))
+        return exactly(length)
     except (socket.timeout, struct.error):
         return None
 
@@ -1781,6 +1790,20 @@ def test_class_client_that_stops_reading_loses_its_own_packets_only(server_rig, 
             r.kernel.send(ipv4(17, b"%d" % i, src="10.0.0.1", dst="10.0.0.2"))
             assert received(a) == ipv4(17, b"%d" % i, src="10.0.0.1", dst="10.0.0.2")
     assert "SERVER: 127.0.0.1 takes nothing: packets for it are dropped, counted" in caplog.messages
+
+
+def test_class_over_tls_serves_students_holding_the_same_certificate_and_turns_away_one_too_many(
+        server_rig, certs, caplog):
+    r = server_rig(tls=simpletun.tls_context(True, certs["a"]), clients=2)
+    students = [tls_client(r, certs) for _ in range(3)]
+    for n, sock in enumerate(students[:2], 2):
+        sock.sendall(frame(ipv4(17, b"hello", src="10.0.0.%d" % n)))
+        assert r.kernel.recv(65536) == ipv4(17, b"hello", src="10.0.0.%d" % n)
+    students[2].sendall(frame(ipv4(17, b"me too", src="10.0.0.4")))
+    assert r.closed_by_server(students[2])  # the third: no slot (a newer certificate holder pushes no one out)
+    students[0].sendall(frame(ipv4(17, b"to b", src="10.0.0.2", dst="10.0.0.3")))
+    assert received(students[1]) == ipv4(17, b"to b", src="10.0.0.2", dst="10.0.0.3")  # decrypted, forwarded
+    assert any("all 2 slots of the class are taken" in m for m in caplog.messages)
 
 
 def test_class_in_tap_mode_floods_broadcasts_and_learns_macs(server_rig):
