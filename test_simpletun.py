@@ -2358,7 +2358,7 @@ def run_in_a_terminal(argv, interrupt_when, pids, timeout=60):
                 pressed = True
     os.close(terminal)
     _, status = os.waitpid(pid, 0)
-    return out.decode(errors="replace"), os.waitstatus_to_exitcode(status)
+    return out.decode(errors="replace"), os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
 
 
 @pytest.mark.netns
