@@ -3062,6 +3062,10 @@ def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_a
         lab.ip("-n", lab.ns["c"], "neigh", "flush", "dev", device)
     wait_for(lambda: probes(lab, "c", "10.9.0.2", "10.9.0.3", 1, 0.5) == 1, "c to reach the new d")
     assert "dropping" not in log_of(server) and server.poll() is None
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(TIMEOUT) == 0
+    assert "SERVER: the class dropped 0 packet(s) from another's address, 0 for clients taking nothing" \
+        in log_of(server)
 
 
 @pytest.mark.netns
