@@ -1599,6 +1599,10 @@ class ServerRig:
             sock.close()
 
 
+SERVING_RIGS = []  # every ServerRig made: its serve() thread runs until the tests end, so its stand-in
+#                   device must stay open as long (collected, it was closed under the thread: EBADF)
+
+
 @pytest.fixture
 def server_rig(caplog):
     caplog.set_level("DEBUG", logger="simpletun")
@@ -1606,6 +1610,7 @@ def server_rig(caplog):
     yield lambda **kw: rigs.append(ServerRig(**kw)) or rigs[-1]
     for r in rigs:
         r.close()
+    SERVING_RIGS.extend(rigs)
 
 
 @pytest.mark.parametrize("first_bytes, says", [
