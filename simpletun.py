@@ -717,7 +717,7 @@ class WaitingRoom(selectors.DefaultSelector):
         self.refused = collections.Counter()  # refusals by kind since the last report
         self.said, self.unsaid = set(), 0  # reasons named since the last report; refusals not named
         self.report_at = None
-        self.switch = Switch(self, args.clients) if args.clients > 1 else None  # --clients: a class
+        self.switch = Switch(self, args.clients, args.tap, args.debug) if args.clients > 1 else None
         listener.setblocking(False)
         self.register(listener, selectors.EVENT_READ, self.accept)
 
@@ -1370,6 +1370,7 @@ NUMBER = struct.Struct("!Q")  # --key: each datagram's number, before the packet
 TAG_SIZE = 16  # --key: the keyed BLAKE2b tag after the packet, over the number and the packet
 KEY_OVERHEAD = NUMBER.size + TAG_SIZE
 REPLAY_WINDOW, REPLAY_BITS = 64, (1 << 64) - 1  # --key: how late a datagram may come (as IPsec's), its bits
+NO_TAG = "no valid --key tag: it runs with another key, or without --key (or it replays old datagrams)"
 
 
 def read_key(path):
@@ -1398,6 +1399,7 @@ class DatagramLink(Link):
         self.unbatched = MAX_PACKET + 1  # packets this big or bigger are sent one per call (see send_queued)
         self.heard_at = self.sent_at = 0  # when the peer last sent a datagram; when we last did
         self.unanswered = None  # client: since when what we sent has had no answer
+        self.hello, self.hello_at = None, 0  # client, --addr: how it says where it is (announce()), and when
         self.told = set()  # what was said once: "no client", "unanswered", "silent", "malformed"
         # senders named (MAX_STRANGERS at most); datagrams dropped, packets not sent, packets not whole
         self.strangers, self.dropped, self.unsent, self.malformed = set(), 0, 0, 0
@@ -1506,10 +1508,13 @@ class DatagramLink(Link):
         """The packet a datagram carries if it is from our peer (empty: "still here"), else None."""
         packet = self.opened(datagram) if self.key else datagram
         if packet is None:
-            return self.drop(sender, "no valid --key tag: it runs with another key, or without --key "
-                                     "(or it replays old datagrams)")
+            return self.drop(sender, NO_TAG)
         if sender != self.peer and not self.takes(sender, packet, now):
             return None
+        return self.heard(packet, now)
+
+    def heard(self, packet, now):
+        """Our peer sent a packet: a silence is over. Return it, unless it is no whole IP packet."""
         self.heard_at = now
         if self.unanswered is not None:  # an answer: a silence is over
             self.unanswered = None
@@ -1527,11 +1532,7 @@ class DatagramLink(Link):
         if not self.key:
             if not packet:  # a --key end's heartbeat, or noise: nothing to write
                 return False
-            inner = packet[NUMBER.size:-TAG_SIZE]  # what a --key end's datagram carries
-            if len(packet) == KEY_OVERHEAD or not self.tap and inner and looks_like_ip(inner, len(inner)):
-                why = "it runs with --key, this end without: give both ends the same --key FILE"
-            else:
-                why = packet_mismatch(packet, len(packet), self.tap)
+            why = self.implausible(packet)
             if not why and self.peer and now - self.heard_at < UDP_SILENCE:
                 why = "it sent a packet, but %s is being served" % self.address
             if why:
@@ -1542,24 +1543,40 @@ class DatagramLink(Link):
         self.peer, self.address = sender, udp_address(sender)
         return True
 
+    def implausible(self, packet):
+        """Without --key: why a new sender's packet is no packet for this end (None: it is one)."""
+        inner = packet[NUMBER.size:-TAG_SIZE]  # what a --key end's datagram carries
+        if len(packet) == KEY_OVERHEAD or not self.tap and inner and looks_like_ip(inner, len(inner)):
+            return "it runs with --key, this end without: give both ends the same --key FILE"
+        return packet_mismatch(packet, len(packet), self.tap)
+
     def opened(self, datagram):
         """--key: the packet inside a datagram whose tag is right and whose number is new, else None."""
+        packet = self.tagged(datagram)
+        return packet if packet is not None and self.fresh(NUMBER.unpack_from(datagram)[0]) else None
+
+    def tagged(self, datagram):
+        """--key: the packet inside a datagram whose tag is right, else None."""
         if len(datagram) < KEY_OVERHEAD:
             return None
         tag = self.opener.copy()
         tag.update(datagram[:-TAG_SIZE])
-        if not hmac.compare_digest(tag.digest(), datagram[-TAG_SIZE:]):
-            return None
-        (number,) = NUMBER.unpack_from(datagram)
-        if number > self.newest:  # the newest yet: the window moves on
-            shift = number - self.newest
-            self.seen = (self.seen << shift | 1) & REPLAY_BITS if shift < REPLAY_WINDOW else 1
-            self.newest = number
-        elif self.newest - number >= REPLAY_WINDOW or self.seen >> (self.newest - number) & 1:
-            return None  # too old to tell, or taken before: a replay
-        else:
-            self.seen |= 1 << (self.newest - number)
-        return datagram[NUMBER.size:-TAG_SIZE]
+        return datagram[NUMBER.size:-TAG_SIZE] if hmac.compare_digest(tag.digest(), datagram[-TAG_SIZE:]) \
+            else None
+
+    def fresh(self, number, take=True):
+        """--key: True if no datagram with this number came before (and, `take`: none may again)."""
+        age = self.newest - number
+        if age < 0:  # the newest yet: the window moves on
+            if take:
+                self.seen = (self.seen << -age | 1) & REPLAY_BITS if -age < REPLAY_WINDOW else 1
+                self.newest = number
+            return True
+        if age >= REPLAY_WINDOW or self.seen >> age & 1:
+            return False  # too old to tell, or taken before: a replay
+        if take:
+            self.seen |= 1 << age
+        return True
 
     def drop(self, sender, why):
         """Drop a datagram that is not our peer's: count it, name its sender once (MAX_STRANGERS at most)."""
@@ -1582,10 +1599,13 @@ class DatagramLink(Link):
             if now - self.unanswered < UDP_SILENCE:
                 return min(due, self.unanswered + UDP_SILENCE - now)
             self.say_once("silent", "CLIENT: nothing has come back from %s for %g s: does the server run "
-                          "with --udp, in this mode (%s)%s? Its log says which (or nothing inside the tunnel "
-                          "answers)",
+                          "with --udp, in this mode (%s)%s, and a free slot? Its log says which (or "
+                          "nothing inside the tunnel answers)",
                           self.address, UDP_SILENCE, "-a" if self.tap else "-u",
                           ", with the same --key" if self.key else ", without --key")
+            if self.hello and now - self.hello_at >= UDP_SILENCE:  # (a class's server may have missed it)
+                self.hello_at = now
+                self.hello()
         return due
 
     def say_unanswered(self):
@@ -1668,6 +1688,8 @@ def udp_socket(args, key=None):
     except OSError:
         batches = False
         log.debug("this kernel cannot hand over runs of datagrams (UDP_GRO, Linux 5.0): one per call")
+    if args.clients > 1:
+        return DatagramDoor(sock, args.tap, key, batches, args.clients, args.debug)
     link = DatagramLink(sock, args.client or "", args.tap, sock.getpeername() if args.client else None,
                         key, batches)
     if not args.client:
@@ -1681,6 +1703,7 @@ def udp_socket(args, key=None):
 #      Each client is an ExtraLink the waiting room admits, with a handler of its own; its packets must
 #      come from addresses it owns (learnt from what it sent: first come, first served), and go to the
 #      device or straight to the client they are for. A client that stops reading loses its own packets.
+#      Over --udp, a DatagramDoor is relay()'s link: each client a DatagramLink on its one socket.
 
 MAX_OWNED = 16  # addresses one client may own: a tunnel address or two, IPv6's, a bridge's MACs
 RECONNECT_EVERY = 3  # seconds between a --reconnect client's tries
@@ -1699,10 +1722,10 @@ def packet_ends(packet, tap):
 class Switch(Link):
     """relay()'s link for a class: a queue that send_queued() sorts out to the clients."""
 
-    def __init__(self, room, slots):
+    def __init__(self, room, slots, tap, debug):
         self.pair = socket.socketpair()  # relay() watches the link's socket: this one never speaks
         super().__init__(self.pair[0], "the class")
-        self.room, self.slots, self.tap, self.debug = room, slots, room.tap, room.debug
+        self.room, self.slots, self.tap, self.debug = room, slots, tap, debug  # room: None over UDP
         self.clients, self.owners = [], {}  # the clients; address -> the client that sent from it first
         self.said = set()  # what was said once: (client, address) for a spoof, (client,) for a stall
         self.given = set()  # the clients given frames in this wake-up: each gets them in one send
@@ -1712,7 +1735,8 @@ class Switch(Link):
         """A client proved itself in the waiting room: it takes a slot."""
         link.switch, link.owned = self, 0
         self.clients.append(link)
-        self.room.register(link.sock, selectors.EVENT_READ, lambda events: self.client_ready(link, events))
+        if self.room:  # (over UDP every client shares the one socket, which relay() watches)
+            self.room.register(link.sock, selectors.EVENT_READ, lambda ready: self.client_ready(link, ready))
         log.warning("SERVER: %s joined the class (%d of %d slots)", link.address, len(self.clients),
                     self.slots)
 
@@ -1738,16 +1762,17 @@ class Switch(Link):
             return self.leave(link, getattr(err, "strerror", None) or err)
         if len(link.out) < OUT_LIMIT:
             self.said.discard((link,))
-        key = self.room.get_key(link.sock)
+        key = self.room and self.room.get_key(link.sock)
         watch = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.out else 0)
-        if key.events != watch:  # (a system call: only when it changes)
+        if key and key.events != watch:  # (a system call: only when it changes)
             self.room.modify(link.sock, watch, key.data)
 
     def leave(self, link, why):
         """A client has gone: its slot and its addresses are free at once."""
         self.clients.remove(link)
-        self.room.unregister(link.sock)
-        self.room.say_goodbye(link.sock, "orderly")
+        if self.room:
+            self.room.unregister(link.sock)
+            self.room.say_goodbye(link.sock, "orderly")
         for address in [a for a, owner in self.owners.items() if owner is link]:
             del self.owners[address]
         self.said = {said for said in self.said if said[0] is not link}
@@ -1811,6 +1836,85 @@ class Switch(Link):
         log.warning("SERVER: the class dropped %d packet(s) from another's address, %d for clients taking "
                     "nothing", self.spoofed, self.lost)
         self.pair[1].close()
+        super().close()
+
+
+class DatagramDoor(DatagramLink):
+    """--udp --clients N: the server's one socket, relay()'s link. A sender that holds a slot is a
+    DatagramLink of its own on this socket (its replay window, its silence), a client of the Switch,
+    which sorts the packets out. A newcomer takes a free slot, or the slot and addresses of a client
+    silent UDP_SILENCE s (restarted, or gone); with --key, never by replaying a client's datagrams."""
+
+    def __init__(self, sock, tap, key, batches, slots, debug):
+        super().__init__(sock, "", tap, None, key, batches)
+        self.switch = Switch(None, slots, tap, debug)
+        self.switch.out = self.out  # TAP2NET queues its frames here, for the Switch to sort out
+        self.links = {}  # sender -> its DatagramLink
+        self.retired = {}  # --key: an address a client left behind -> the newest number it came with
+
+    def send_queued(self):
+        """TAP2NET: each packet to the client that owns its destination (Switch.send_queued())."""
+        self.switch.send_queued()
+
+    def receive(self):
+        """DatagramLink.receive(); then what clients sent each other goes on, one send per client."""
+        count = super().receive()
+        self.switch.flush()
+        return count
+
+    def admitted(self, sender, datagram, now):
+        """A client's packet for the device; None if it was for another client (passed on) or is none."""
+        link = self.links.get(sender) or self.newcomer(sender, datagram, now)
+        packet = link and link.admitted(sender, datagram, now)
+        return packet if packet and self.switch.from_client(link, packet) else None
+
+    def newcomer(self, sender, datagram, now):
+        """A datagram from a new sender: the DatagramLink that serves it from now on, or None."""
+        packet = self.tagged(datagram) if self.key else datagram
+        if not packet:  # (an empty one, a heartbeat or noise, tells nothing of who sent it)
+            return packet is None and self.drop(sender, NO_TAG)
+        source = packet_ends(packet, self.tap)[0]
+        owner, why = self.switch.owners.get(source), None if self.key else self.implausible(packet)
+        newest = owner.newest if owner else self.retired.get(source, 0)  # (--key: numbers only grow)
+        if self.key and NUMBER.unpack_from(datagram)[0] <= newest:
+            why = "it replays the datagrams of a client, here or gone"
+        if owner and not why:  # a client restarted, or moved, or someone sends from its address
+            if now - owner.heard_at < UDP_SILENCE:
+                why = "it sends from %s's address, and %s is here" % (owner.address, owner.address)
+            else:
+                self.evict(owner, now, sender)
+        clients = self.switch.clients
+        if not why and len(clients) >= self.switch.slots:
+            silent = min(clients, key=lambda link: link.heard_at)
+            if now - silent.heard_at < UDP_SILENCE:
+                why = "all %d slots of the class are taken (--clients)" % self.switch.slots
+            else:
+                self.evict(silent, now, sender)
+        if why:
+            return self.drop(sender, why)
+        link = self.links[sender] = DatagramLink(self.sock, udp_address(sender), self.tap, None, self.key,
+                                                 self.segments > 1)
+        link.peer = sender  # (set after: a DatagramLink made with a peer is a client's)
+        self.switch.join(link)
+        return link
+
+    def evict(self, link, now, newcomer):
+        """A client silent UDP_SILENCE s leaves for a newcomer; --key: its numbers are remembered."""
+        for address in [a for a, owner in self.switch.owners.items() if owner is link]:
+            self.retired[address] = link.newest
+        while len(self.retired) > MAX_STRANGERS:
+            del self.retired[next(iter(self.retired))]
+        del self.links[link.peer]
+        self.switch.leave(link, "silent for %d s, its place goes to %s" % (now - link.heard_at,
+                                                                           udp_address(newcomer)))
+
+    def tick(self, now):
+        """--key: each client's heartbeat (DatagramLink.tick()); the seconds until the next."""
+        return min([UDP_SILENCE] + [link.tick(now) for link in self.switch.clients])
+
+    def close(self):
+        """The server stops: the class ends, then the door says what it dropped."""
+        self.switch.close()
         super().close()
 
 
@@ -2354,9 +2458,9 @@ def parse_args(argv=None):
                               ("reconnect", "client", args.client)):
         if getattr(args, flag) != parser.get_default(flag) and not needs:
             parser.error("--%s is for the %s (%s)" % (flag, role, "-s" if role == "server" else "-c HOST"))
-    for flag in ("offload", "two_writes", "udp"):
+    for flag in ("offload", "two_writes"):
         if args.clients > 1 and getattr(args, flag):
-            parser.error("--clients cannot go with --%s (a class is served over TCP, one packet per frame)"
+            parser.error("--clients cannot go with --%s (a class is served one packet per frame)"
                          % flag.replace("_", "-"))
     return args
 
@@ -2422,7 +2526,8 @@ def extended_end(args):
         if args.udp:  # one loop until the end: its selector keeps the link's time
             link = udp_socket(args, read_key(args.key) if args.key else None)
             if args.client and args.addr:
-                announce(args.addr, args.iface)
+                link.hello = lambda: announce(args.addr, args.iface)
+                link.hello()
             with contextlib.closing(link), UdpClock(link) as selector:
                 relay_until_closed(tunnel, link, "CLIENT" if args.client else "SERVER", selector)
                 return 1  # a datagram link has no orderly end: it ends only when it breaks

@@ -2891,7 +2891,7 @@ def test_udp_key_ends_say_still_here_every_second_and_the_client_says_when_nothi
         # the server holds another key: nothing it could answer would be taken
         assert [m for m in caplog.messages if "nothing has come back" in m] == [
             "CLIENT: nothing has come back from 127.0.0.1 for 0.3 s: does the server run with --udp, in this mode "
-            "(-u), with the same --key? Its log says which (or nothing inside the tunnel answers)"]
+            "(-u), with the same --key, and a free slot? Its log says which (or nothing inside the tunnel answers)"]
 
 
 def test_udp_without_key_a_client_that_hears_nothing_back_says_so_once(caplog, monkeypatch):
@@ -2909,7 +2909,7 @@ def test_udp_without_key_a_client_that_hears_nothing_back_says_so_once(caplog, m
                 time.sleep(0.1)
                 clock.select(0.1)
             said = [m for m in caplog.messages if "nothing has come back" in m]
-            assert len(said) == 1 and "in this mode (-u), without --key?" in said[0]
+            assert len(said) == 1 and "in this mode (-u), without --key, and a free slot?" in said[0]
             server.sendto(ECHO_REQUEST, link.sock.getsockname())  # an answer: the silence is over
             select.select([link.sock], [], [], TIMEOUT)
             assert list(link.cut(link.receive())) == [ECHO_REQUEST] and link.unanswered is None
@@ -2936,6 +2936,157 @@ def test_unusable_key_file_is_one_line_and_exit_1(tmp_path, content, mode, says)
 def test_udp_key_needs_udp():
     result = run_script("-i", "tun9", "-s", "--key", "/dev/null")
     assert result.returncode == 2 and "--key is for --udp" in result.stderr
+
+
+# ---- --udp --clients N: a class over datagrams ------------------------------------------------
+
+@contextlib.contextmanager
+def udp_class(slots=3, key=None, tap=False):
+    """A --udp --clients server's link (the door) on loopback with a stand-in device, and a way to add students:
+    each a UDP socket (with a key: a --key client's DatagramLink, to seal what it sends)."""
+    with udp_ends(tap=tap) as (tunnel, plain, kernel, _):
+        door = simpletun.DatagramDoor(plain.sock, tap, key, False, slots, 1)
+        students = []
+
+        def join(address=None, mac=None, first=None):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.connect(door.sock.getsockname())
+            sock.settimeout(TIMEOUT)
+            students.append(sock)
+            you = simpletun.DatagramLink(sock, "127.0.0.1", tap, sock.getpeername(), key) if key else sock
+            if address:
+                packet = ipv4(17, b"hello", src=address)
+                send(you, ethernet(0x0800, packet, dst="6e:00:00:00:00:01", src=mac) if mac else packet)
+                until_received(tunnel, door)
+                assert kernel.recv(65536)  # it reached the server's device: it is in
+            return you
+
+        try:
+            yield tunnel, door, kernel, join
+        finally:
+            for sock in students:
+                sock.close()
+
+
+def send(student, packet):
+    """A student of a --udp class sends a packet (a --key student: sealed)."""
+    if isinstance(student, socket.socket):
+        return student.send(packet)
+    return student.sock.send(sealed(student, packet))
+
+
+def heard(student, timeout=0.2):
+    """The next packet a student of a --udp class gets, or None (a --key student: opened, tag and number)."""
+    sock = student if isinstance(student, socket.socket) else student.sock
+    if not select.select([sock], [], [], timeout)[0]:
+        return None
+    datagram = sock.recv(65536)
+    return datagram if sock is student else student.opened(memoryview(datagram))
+
+
+@pytest.mark.parametrize("key", [None, KEY])
+def test_udp_class_passes_each_packet_to_its_owner_and_forwards_between_students(caplog, key):
+    caplog.set_level("DEBUG", logger="simpletun")
+    with udp_class(key=key) as (tunnel, door, kernel, join):
+        a, b = join("10.0.0.2"), join("10.0.0.3")
+        for_b = ipv4(17, b"for b", src="10.0.0.1", dst="10.0.0.3")
+        kernel.send(for_b)
+        simpletun.tap2net(tunnel, door)
+        assert heard(b, TIMEOUT) == for_b and heard(a) is None  # only b's
+        a_to_b = ipv4(17, b"from a", src="10.0.0.2", dst="10.0.0.3")
+        send(a, a_to_b)
+        until_received(tunnel, door)
+        assert heard(b, TIMEOUT) == a_to_b  # straight from a to b: the server forwards it itself
+        assert not select.select([kernel], [], [], 0.1)[0]  # the server's device never saw it
+        assert any(m.startswith("SERVER: 127.0.0.1 port ") and m.endswith("joined the class (2 of 3 slots)")
+                   for m in caplog.messages)
+        assert any(re.fullmatch(r"CLASS: 127.0.0.1 port \d+ -> 127.0.0.1 port \d+: 26 bytes, forwarded by the server",
+                                m) for m in caplog.messages)
+
+
+def test_udp_class_newcomer_from_a_present_students_address_gets_nothing_and_the_owner_keeps_working(caplog):
+    with udp_class() as (tunnel, door, kernel, join):
+        a, b = join("10.0.0.2"), join("10.0.0.3")
+        thief = join()
+        for _ in range(3):
+            send(thief, ipv4(17, b"spoofed", src="10.0.0.2"))  # a new sender claims a's address
+            send(b, ipv4(17, b"spoofed", src="10.0.0.2"))  # a student claims a's address
+        time.sleep(0.05)
+        simpletun.net2tap(tunnel, door)
+        assert not select.select([kernel], [], [], 0.1)[0] and len(door.switch.clients) == 2  # no slot for the thief
+        said = [m for m in caplog.messages if "dropping" in m]
+        assert len(said) == 2 and "it sends from 127.0.0.1 port %d's address" % a.getsockname()[1] in said[0]
+        assert "SERVER: dropping 127.0.0.1 port %d's packets from 10.0.0.2" % b.getsockname()[1] in said[1]
+        kernel.send(ipv4(17, b"for a", src="10.0.0.1", dst="10.0.0.2"))
+        simpletun.tap2net(tunnel, door)
+        assert heard(a, TIMEOUT) == ipv4(17, b"for a", src="10.0.0.1", dst="10.0.0.2")
+
+
+def test_udp_class_one_too_many_is_refused_until_a_student_falls_silent_whose_place_and_address_it_takes(caplog):
+    with udp_class(slots=2) as (tunnel, door, kernel, join):
+        a, b = join("10.0.0.2"), join("10.0.0.3")
+        late = join()
+        for _ in range(3):
+            send(late, ipv4(17, b"me too", src="10.0.0.4"))
+        time.sleep(0.05)
+        simpletun.net2tap(tunnel, door)
+        assert not select.select([kernel], [], [], 0.1)[0]
+        assert [m for m in caplog.messages if "slots" in m and "dropping" in m] == [
+            "SERVER: dropping datagrams from 127.0.0.1 port %d: all 2 slots of the class are taken (--clients) "
+            "(counted, not logged again)" % late.getsockname()[1]]
+        door.links[a.getsockname()].heard_at -= simpletun.UDP_SILENCE  # a has gone quiet (gone)
+        send(late, ipv4(17, b"a's address", src="10.0.0.2"))  # its address and its slot
+        until_received(tunnel, door)
+        assert kernel.recv(65536) == ipv4(17, b"a's address", src="10.0.0.2")
+        assert any("left the class: silent for 3 s, its place goes to 127.0.0.1 port %d (1 of 2 slots)"
+                   % late.getsockname()[1] in m for m in caplog.messages)
+        kernel.send(ipv4(17, b"for 10.0.0.2", src="10.0.0.1", dst="10.0.0.2"))
+        simpletun.tap2net(tunnel, door)
+        assert heard(late, TIMEOUT) == ipv4(17, b"for 10.0.0.2", src="10.0.0.1", dst="10.0.0.2") and heard(a) is None
+
+
+def test_udp_class_key_refuses_replays_from_elsewhere_while_the_student_is_here_and_after_it_left(caplog):
+    with udp_class(key=KEY) as (tunnel, door, kernel, join), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+        a = join()
+        recorded = [sealed(a, ipv4(17, b"%d" % n, src="10.0.0.2")) for n in range(3)]  # recorded on the cable
+        for datagram in recorded:
+            a.sock.send(datagram)
+        time.sleep(0.05)
+        simpletun.net2tap(tunnel, door)
+        assert [kernel.recv(65536) for _ in recorded] == [ipv4(17, b"%d" % n, src="10.0.0.2") for n in range(3)]
+        for datagram in recorded:  # replayed from elsewhere while a is here
+            attacker.sendto(datagram, door.sock.getsockname())
+        time.sleep(0.05)
+        simpletun.net2tap(tunnel, door)
+        door.links[a.sock.getsockname()].heard_at -= simpletun.UDP_SILENCE  # a has gone: its slot is free
+        b = join("10.0.0.3")  # (takes no slot of a's: there are three)
+        for datagram in recorded:  # and again, now that a is silent
+            attacker.sendto(datagram, door.sock.getsockname())
+        time.sleep(0.05)
+        simpletun.net2tap(tunnel, door)
+        assert not select.select([kernel], [], [], 0.1)[0]  # not one replay written
+        assert attacker.getsockname() not in door.links
+        restarted = join()  # a restarted (new numbers, new port): its address is its own again
+        send(restarted, ipv4(17, b"back", src="10.0.0.2"))
+        until_received(tunnel, door)
+        assert kernel.recv(65536) == ipv4(17, b"back", src="10.0.0.2") and b.sock.getsockname() in door.links
+
+
+def test_udp_class_key_beats_for_every_student_and_only_key_holders_join(caplog):
+    with udp_class(key=KEY) as (tunnel, door, kernel, join), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        a, b = join("10.0.0.2"), join("10.0.0.3")
+        for _ in range(3):
+            stranger.sendto(ipv4(17, b"no key", src="10.0.0.4"), door.sock.getsockname())
+        time.sleep(0.05)
+        simpletun.net2tap(tunnel, door)
+        assert len(door.switch.clients) == 2 and door.dropped == 3
+        door.tick(time.monotonic() + simpletun.UDP_HEARTBEAT)
+        assert heard(a, TIMEOUT) == b"" and heard(b, TIMEOUT) == b""  # "still here", tagged, to each
+        door.close()
+        assert "SERVER: the class dropped 0 packet(s) from another's address, 0 for clients taking nothing" \
+            in caplog.messages
 
 
 def gro_socket():
@@ -3030,12 +3181,13 @@ def probes(lab, side, source, destination, count=5, wait=1.0):
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("device, mode", [("tun0", []), ("tap0", ["-a"])])
+@pytest.mark.parametrize("device, mode", [("tun0", []), ("tap0", ["-a"]), ("tun0", ["--udp"]), ("tap0", ["-a", "--udp"])])
 def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_address(lab, tmp_path, device, mode):
     cables = {"c": lab.SERVER_IP, "d": lab.add_host("d", 3), "e": lab.add_host("e", 4)}
     server = lab.tunnel("s", "-i", device, "-d", "--clients", "3", "--addr", "10.9.0.1/24", *mode)
     wait_for(lambda: "listening" in log_of(server), "the server to listen")
-    alone = cut_tunnel(tmp_path / "tunnel_alone.py")  # a student's client: the tunnel alone, configured by hand
+    udp = "--udp" in mode  # (the tunnel alone has no --udp: then all three are the full program)
+    alone = SCRIPT if udp else cut_tunnel(tmp_path / "tunnel_alone.py")  # a student's client, configured by hand
     ends = {side: lab.spawn(side, [sys.executable, "-u", SCRIPT if side != "e" else alone, "-i", device, "-c",
                                    cables[side], *mode] + (["--addr", "10.9.0.%d/24" % n] if side != "e" else []),
                             "%s.log" % side) for side, n in (("c", 2), ("d", 3), ("e", 4))}
@@ -3055,10 +3207,12 @@ def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_a
         assert probes(lab, side, source, destination) == 5, (source, destination)
     text = log_of(server)
     assert text.count("joined the class") == 3 and "(3 of 3 slots)" in text
-    assert re.search(r"CLASS: 192\.0\.2\.2 -> 192\.0\.3\.2: \d+ bytes, forwarded by the server", text), text[-3000:]
+    assert re.search(r"CLASS: 192\.0\.2\.2( port \d+)? -> 192\.0\.3\.2( port \d+)?: \d+ bytes, forwarded by the server",
+                     text), text[-3000:]
     ends["d"].send_signal(signal.SIGTERM)  # d leaves; a newcomer takes its address and its slot
     assert ends["d"].wait(TIMEOUT) == 0
-    wait_for(lambda: "192.0.3.2 left the class" in log_of(server), "the server to see d leave")
+    if not udp:  # (over UDP the server sees d gone once d has been silent 3 s and a newcomer wants its place)
+        wait_for(lambda: "192.0.3.2 left the class" in log_of(server), "the server to see d leave")
     lab.spawn("d", [sys.executable, "-u", SCRIPT, "-i", device, "-c", cables["d"], "--addr", "10.9.0.3/24", *mode],
               "d-again.log")
     wait_for(lambda: "10.9.0.3/24" in lab.ip("-n", lab.ns["d"], "addr", "show", device, check=False).stdout,
@@ -3066,7 +3220,8 @@ def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_a
     if mode:  # a new tap device has a new MAC address: c's ARP cache holds d's old one for a while
         lab.ip("-n", lab.ns["c"], "neigh", "flush", "dev", device)
     wait_for(lambda: probes(lab, "c", "10.9.0.2", "10.9.0.3", 1, 0.5) == 1, "c to reach the new d")
-    assert "dropping" not in log_of(server) and server.poll() is None
+    assert ("left the class: silent for 3 s, its place goes to 192.0.3.2 port " in log_of(server)) == udp
+    assert ("dropping" in log_of(server)) == udp and server.poll() is None  # (UDP: the new d, until the old is gone)
     server.send_signal(signal.SIGTERM)
     assert server.wait(TIMEOUT) == 0
     assert "SERVER: the class dropped 0 packet(s) from another's address, 0 for clients taking nothing" \
@@ -3074,13 +3229,21 @@ def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_a
 
 
 @pytest.mark.netns
-def test_class_client_beyond_the_slots_is_refused_on_both_ends_and_exits_1(lab):
-    server = lab.tunnel("s", "-i", "tun0", "-d", "--clients", "2", "--addr", "10.9.0.1/24")
+@pytest.mark.parametrize("transport", [[], ["--udp"]])
+def test_class_client_beyond_the_slots_is_refused_on_both_ends_and_exits_1(lab, transport):
+    server = lab.tunnel("s", "-i", "tun0", "-d", "--clients", "2", "--addr", "10.9.0.1/24", *transport)
     wait_for(lambda: "listening" in log_of(server), "the server to listen")
     for n in (2, 3):
-        lab.tunnel("c", "-i", "tun%d" % n, "--addr", "10.9.0.%d/24" % n)
+        lab.tunnel("c", "-i", "tun%d" % n, "--addr", "10.9.0.%d/24" % n, *transport)
         wait_for(lambda: log_of(server).count("joined the class") == n - 1, "client %d to join" % n)
-    third = lab.tunnel("c", "-i", "tun4", "--addr", "10.9.0.4/24")
+    third = lab.tunnel("c", "-i", "tun4", "--addr", "10.9.0.4/24", *transport)
+    started = time.monotonic()
+    if transport:  # over UDP nothing is refused out loud: the client hears nothing back, and says what it may mean
+        wait_for(lambda: "and a free slot?" in log_of(third), "the third to say so", timeout=5)
+        assert time.monotonic() - started < 5 and third.poll() is None
+        assert re.search(r"dropping datagrams from 192.0.2.2 port \d+: all 2 slots of the class are taken \(--clients\)",
+                         log_of(server))
+        return
     lab.probe("c", count=1, wait=0.2)  # (a client proves itself with its first packet)
     assert third.wait(10) == 1
     assert "all its --clients slots are taken" in log_of(third) and len(log_of(third).splitlines()) <= 2
