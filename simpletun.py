@@ -1923,12 +1923,17 @@ class DatagramDoor(DatagramLink):
 #      each end is this program, run with --timestamps so that one timeline shows both.
 
 DEMO_PREFIX = "simpletun-demo-"  # namespaces are named DEMO_PREFIX + our pid + "-s" / "-c"
-DEMO_UNDERLAY = {"server": "192.0.2.1/24", "client": "192.0.2.2/24"}  # the "physical" network
-DEMO_TUNNEL = {"server": "10.0.0.1/24", "client": "10.0.0.2/24"}  # the private network
+DEMO_CLASS = ("alice", "bob", "carol")  # --demo --clients N: the first N are the class's client hosts
+DEMO_UNDERLAY = {"server": "192.0.2.1/24", "client": "192.0.2.2/24",  # the "physical" network
+                 "alice": "192.0.2.2/24", "bob": "192.0.2.3/24", "carol": "192.0.2.4/24"}
+DEMO_TUNNEL = {"server": "10.0.0.1/24", "client": "10.0.0.2/24",  # the private network
+               "alice": "10.0.0.2/24", "bob": "10.0.0.3/24", "carol": "10.0.0.4/24"}
 DEMO_LAN = {"server": "10.1.0.1/24", "lan": "10.1.0.2/24"}  # --lan: a network behind the server
 DEMO_PINGS = 3
 DEMO_PINGS_LOSSY = 10  # with --loss: enough to tell a lossy cable from a broken tunnel
+DEMO_PINGS_CLASS = 1  # --clients: to each of two hosts from each client, a timeline short enough to read
 DEMO_WAIT = 10  # seconds for each end to come up, and to go
+DEMO_COUNT = {2: "two", 3: "three", 4: "four"}  # how many hosts the demo makes, in words
 BENCH_PORT, BENCH_SECONDS, BENCH_PINGS = 5201, 3, 20
 ICMP_ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
@@ -2153,26 +2158,36 @@ def demo(args):
     method = lossy_cable_method(args.loss, args.delay) if args.loss or args.delay else None
     remove_stale_demos()
     mode, device = ("tap", "tap0") if args.tap else ("tun", "tun0")
-    sides = ("server", "client", "lan") if args.lan else ("server", "client")
+    clients = DEMO_CLASS[:args.clients] if args.clients > 1 else ("client",)
+    sides = ("server",) + clients + (("lan",) if args.lan else ())
     ns = {side: "%s%d-%s" % (DEMO_PREFIX, os.getpid(), side[0]) for side in sides}
     level = 0 if args.bench else args.debug or (0 if args.keep else 2)  # kept: quiet unless asked
     options = ["-i", device] + (["-" + "d" * level] if level else []) + (["-a"] if args.tap else []) + \
         [option for flag in ("tls", "key") if getattr(args, flag)
          for option in ("--" + flag, os.path.abspath(getattr(args, flag)))] + \
         ["--" + flag.replace("_", "-") for flag in ("offload", "udp", "two_writes") if getattr(args, flag)]
-    ends = {"server": options + ["-s", "--addr", DEMO_TUNNEL["server"]],
-            "client": options + ["-c", host_of(DEMO_UNDERLAY["server"]), "--addr", DEMO_TUNNEL["client"]]}
+    ends = {side: options + ["-c", host_of(DEMO_UNDERLAY["server"]), "--addr", DEMO_TUNNEL[side]]
+            for side in clients}
+    ends["server"] = options + ["-s", "--addr", DEMO_TUNNEL["server"]] + \
+        (["--clients", str(args.clients)] if args.clients > 1 else [])
     target = host_of(DEMO_LAN["lan"] if args.lan else DEMO_TUNNEL["server"])
+    # who pings whom: the client its target; each client of a class the server, then another client
+    pings = [(side, host_of(DEMO_TUNNEL[to]), to) for n, side in enumerate(clients) for to in ("server", clients[n - 1])] \
+        if args.clients > 1 else [("client", target, None)]
+    cable = "br0" if args.clients > 1 else "veth0"  # the server's end of the cable (a class: a bridge)
     timeline = Timeline()
-    timeline.say("%s hosts, each a network namespace, joined by %s (the \"physical\" network):"
-                 % (("three", "veth pairs") if args.lan else ("two", "a veth pair")))
-    intro = ["  %s %s  veth0 %s  %s %s" % (side, ns[side], DEMO_UNDERLAY[side], device, DEMO_TUNNEL[side])
-             for side in ("server", "client")]
+    timeline.say("%s hosts, each a network namespace, joined by %s (the \"physical\" network):" % (
+        DEMO_COUNT[len(sides)], "veth pairs to a bridge, br0" if args.clients > 1 else
+        "veth pairs" if args.lan else "a veth pair"))
+    intro = ["  %-6s %s  %s %s  %s %s" % (side, ns[side], cable if side == "server" else "veth0",
+                                         DEMO_UNDERLAY[side], device, DEMO_TUNNEL[side]) for side in sides[:len(clients) + 1]]
     if args.lan:
         intro.append("  lan    %s  lan0 %s, on a LAN behind the server (its lan0 %s), which forwards"
                      % (ns["lan"], DEMO_LAN["lan"], DEMO_LAN["server"]))
-    intro.append("a %s tunnel joins %s and %s" % (mode, DEMO_TUNNEL["server"], DEMO_TUNNEL["client"])
-                 + ("" if args.bench else "; the client pings %s through it" % target))
+    intro.append(("a %s tunnel joins %s and %s" % (mode, DEMO_TUNNEL["server"], DEMO_TUNNEL["client"])
+                  + ("" if args.bench else "; the client pings %s through it" % target)) if args.clients == 1 else
+                 "a %s tunnel joins the server and its %d clients (--clients %d); each client pings the server, "
+                 "then another client" % (mode, len(clients), len(clients)))
     timeline.say("\n".join(intro))
     running, crossed, interrupted = {}, False, False
     script = [sys.executable, os.path.abspath(__file__), "--timestamps"]
@@ -2182,7 +2197,8 @@ def demo(args):
             make_cable_lossy((ns["server"], ns["client"]), method, args.loss, args.delay)
             timeline.say("the cable loses %g %% of packets each way%s (%s)" % (
                 args.loss, ", delayed %g ms" % args.delay if args.delay else "", method))
-        for side, ready in (("server", "SERVER: listening"), ("client", "CLIENT: Connected")):
+        for side in ("server",) + clients:
+            ready = "SERVER: listening" if side == "server" else "CLIENT: Connected"
             timeline.say("%s: simpletun.py %s" % (side, " ".join(ends[side])))
             running[side] = timeline.launch(side, ns[side], script + ends[side])
             started = lambda: timeline.saw(side, ready) or running[side].poll() is not None  # noqa: E731
@@ -2193,19 +2209,27 @@ def demo(args):
             route = (str(lan), "via", host_of(DEMO_TUNNEL["server"]))
             ip_command("-n", ns["client"], "route", "add", *route)
             timeline.say("client: ip route add %s %s %s" % route)
-        pings = DEMO_PINGS_LOSSY if args.loss else DEMO_PINGS
-        call = calling("demo_ping(%r, %d, %g)" % (target, pings, args.loss))
-        running["ping"] = pinger = timeline.launch("ping", ns["client"], call)
-        timeline.pump(lambda: pinger.poll() is not None)
-        crossed = pinger.returncode == 0
+        joined = "joined the class (%d of %d slots)" % (len(clients), len(clients))
+        if args.clients > 1 and not timeline.pump(lambda: timeline.saw("server", joined), DEMO_WAIT):
+            raise UserError("not every client of the demo's class joined: see the lines above")
+        count = DEMO_PINGS_CLASS if args.clients > 1 else DEMO_PINGS_LOSSY if args.loss else DEMO_PINGS
+        crossed = True
+        for side, address, to in pings:
+            if to:
+                timeline.say("%s pings %s (%s)%s" % (side, "the " * (to == "server") + to, address, "" if to == "server" else
+                                                     ": the server passes each packet on, a client to a client"))
+            running["ping"] = pinger = timeline.launch("ping", ns[side], calling("demo_ping(%r, %d, %g)" % (
+                address, count, args.loss)))
+            timeline.pump(lambda: pinger.poll() is not None)  # noqa: B023 (this pinger, waited for here)
+            crossed = crossed and pinger.returncode == 0
         if args.bench:
             bench(ns, timeline, "%s mode%s" % (mode, " over UDP" if args.udp else ""))
         if args.keep:
-            timeline.say(keep_instructions(ns, target, "udp" if args.udp else "tcp"))
+            timeline.say(keep_instructions(ns, *pings[-1][:2], "udp" if args.udp else "tcp", cable))
             timeline.pump()  # until Ctrl-C or SIGTERM
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: clean up all the same, and say so
         interrupted = True
-        timeline.say("interrupted: stopping both ends")
+        timeline.say("interrupted: stopping %s" % ("both ends" if args.clients == 1 else "every end"))
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave things behind
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -2214,9 +2238,9 @@ def demo(args):
                       outer_retransmissions(ns["server"], "( sport = :%d )" % PORT))
             timeline.say("the tunnel's own TCP connection retransmitted %s from the client and %s from the "
                          "server (ss -ti)" % counts)
-        for side in ("ping", "client", "server"):  # both ends print their summary line on SIGTERM
-            if side in running and running[side].poll() is None:
-                running[side].terminate()
+        for process in reversed(list(running.values())):  # ping, clients, server: each says its summary
+            if process.poll() is None:
+                process.terminate()
         timeline.pump(lambda: all(p.poll() is not None for p in running.values()), DEMO_WAIT)
         for process in running.values():
             if process.poll() is None:
@@ -2226,7 +2250,8 @@ def demo(args):
         for name in ns.values():
             if name in ip_command("netns", "list"):
                 remove_namespace(name)
-        timeline.say("removed %s namespaces and everything in them" % ("all three" if args.lan else "both"))
+        timeline.say("removed %s namespaces and everything in them" % (
+            "both" if len(sides) == 2 else "all " + DEMO_COUNT[len(sides)]))
         timeline.flush()
     if interrupted and not args.keep:
         return 1
@@ -2234,30 +2259,37 @@ def demo(args):
         timeline.say("the replies that came back are what the lossy cable leaves: the tunnel works" if crossed
                      else "FAILED: fewer replies came back than the lossy cable explains")
     else:
-        timeline.say("all %d echo requests crossed the tunnel and their replies came back" % DEMO_PINGS
+        timeline.say("all %d echo requests crossed the tunnel and their replies came back" % (count * len(pings))
                      if crossed else "FAILED: not every echo request came back through the tunnel")
     timeline.flush()
     return 0 if crossed else 1
 
 
 def build_demo_hosts(ns):
-    """Two namespaces, a veth pair between them, addressed and up; with --lan, a third one behind
-    the server, on a veth pair of its own, with the server as its way out (forwarding on)."""
+    """The demo's hosts: a namespace each, a veth pair from each client to the server (a class: the
+    server's ends on a bridge, br0, as a switch joins a LAN), addressed and up; with --lan, one more
+    behind the server, on a veth pair of its own, with the server as its way out (forwarding on)."""
     for name in ns.values():  # each host: its loopback up, and ping sockets for root's group (ping())
         ip_command("netns", "add", name)
         ip_command("-n", name, "link", "set", "lo", "up")
         ip_command("netns", "exec", name, "sh", "-c", "echo 0 0 > /proc/sys/net/ipv4/ping_group_range")
-    for ifname, here, there, addresses in (("veth0", "server", "client", DEMO_UNDERLAY),
-                                           ("lan0", "server", "lan", DEMO_LAN)):
-        if there in ns:
-            ip_command("-n", ns[here], "link", "add", ifname, "type", "veth", "peer", "name", ifname,
-                       "netns", ns[there])
-            for side in (here, there):
-                ip_command("-n", ns[side], "addr", "add", addresses[side], "dev", ifname)
-                ip_command("-n", ns[side], "link", "set", ifname, "up")
+    server, bridged = ns["server"], "alice" in ns
+    if bridged:
+        ip_command("-n", server, "link", "add", "br0", "up", "type", "bridge")
+        ip_command("-n", server, "addr", "add", DEMO_UNDERLAY["server"], "dev", "br0")
+    for side in ns:
+        ifname, addresses = ("lan0", DEMO_LAN) if side == "lan" else ("veth0", DEMO_UNDERLAY)
+        here = side if bridged else ifname  # the server's end of the cable
+        if side != "server":
+            ip_command("-n", server, "link", "add", here, "type", "veth", "peer", "name", ifname, "netns", ns[side])
+            ip_command("-n", ns[side], "addr", "add", addresses[side], "dev", ifname)
+            ip_command("-n", ns[side], "link", "set", ifname, "up")
+            ip_command("-n", server, *(("link", "set", here, "master", "br0") if bridged else
+                                       ("addr", "add", addresses["server"], "dev", here)))
+            ip_command("-n", server, "link", "set", here, "up")
     if "lan" in ns:
         ip_command("-n", ns["lan"], "route", "add", "default", "via", host_of(DEMO_LAN["server"]))
-        ip_command("netns", "exec", ns["server"], "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
+        ip_command("netns", "exec", server, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
 
 
 def host_of(cidr):
@@ -2265,14 +2297,14 @@ def host_of(cidr):
     return cidr.split("/")[0]
 
 
-def keep_instructions(ns, target, transport):
-    """--keep: commands to paste into another terminal (as root) to explore the two hosts."""
-    c, s = ns["client"], ns["server"]
-    cable, socket_kind = {"tcp": ("the frames inside TCP, on the cable", "the tunnel's TCP connection"),
+def keep_instructions(ns, client, target, transport, cable):
+    """--keep: commands to paste into another terminal (as root) to explore the hosts."""
+    c, s = ns[client], ns["server"]
+    on_cable, socket_kind = {"tcp": ("the frames inside TCP, on the cable", "the tunnel's TCP connection"),
                           "udp": ("the datagrams, on the cable", "the tunnel's UDP socket")}[transport]
     commands = [("%s bash" % c, "a shell on the client host"),
                 ("%s ping %s" % (c, target), "ping through the tunnel"),
-                ("%s tcpdump -ni veth0 -X %s port %d" % (s, transport, PORT), cable),
+                ("%s tcpdump -ni %s -X %s port %d" % (s, cable, transport, PORT), on_cable),
                 ("%s ip route" % c, "the route into the tunnel"),
                 ("%s ss -%si" % (c, transport[0]), socket_kind)]
     if "lan" in ns:
@@ -2443,9 +2475,13 @@ def parse_args(argv=None):
         parser.error("--tls-peer needs --tls FILE (this end's certificate and key)")
     if args.demo:
         if args.iface or args.server or args.client or args.addr or args.tls_peer or args.bind or args.mtu \
-                or args.clients > 1 or args.reconnect:
+                or args.reconnect:
             parser.error("--demo sets up both ends itself: it takes only -a, -d, --tls, --offload, --udp, "
-                         "--key, --two-writes, --lan, --keep, --loss, --delay and --bench")
+                         "--key, --two-writes, --lan, --keep, --loss, --delay, --bench and --clients")
+        if args.clients > len(DEMO_CLASS) or args.clients > 1 and any(getattr(args, flag) for flag in (
+                "offload", "two_writes", "lan", "loss", "delay", "bench")):
+            parser.error("--demo --clients N shows a class of 2 or 3 clients, tun or tap (-a), over TCP, --tls "
+                         "or --udp (--key), --keep: not with --offload, --two-writes, --lan, --loss, --delay, --bench")
         return args
     for flag in ("keep", "lan", "loss", "delay", "bench"):
         if getattr(args, flag):

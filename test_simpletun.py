@@ -1250,6 +1250,9 @@ def test_demo_without_root_says_what_it_needs():
 
 @pytest.mark.parametrize("args, reason", [
     (["--demo", "-s"], "--demo sets up both ends itself"),
+    (["--demo", "--clients", "4"], "--demo --clients N shows a class of 2 or 3 clients"),
+    (["--demo", "--clients", "3", "--bench"], "not with --offload, --two-writes, --lan, --loss, --delay, --bench"),
+    (["--demo", "--clients", "2", "--offload"], "not with --offload"),
     (["-i", "tun0", "-s", "--addr", "10.0.0.1"], "not an address/prefix such as 10.0.0.1/24 or fd00::1/64"),
     (["-i", "tun0", "-s", "--addr", "fd00::g/64"], "not an address/prefix"),
     (["-i", "tun0", "-s", "--addr", "10.0.0.300/24"], "not an address/prefix"),
@@ -2302,6 +2305,52 @@ def test_demo_keep_stays_up_streams_the_timeline_and_cleans_up_on_sigterm(clean_
     out.wait_for("removed both namespaces")
     assert "Traceback" not in out.text()
     assert clean_demo.left() == []
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("mode", [[], ["-a", "--udp", "--key"]])
+def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_demo, tmp_path, mode):
+    if "--key" in mode:
+        (tmp_path / "key").write_bytes(bytes(range(32)))
+        (tmp_path / "key").chmod(0o600)
+        mode = mode + [str(tmp_path / "key")]
+    result = clean_demo.run("--clients", "3", *mode, timeout=60)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "four hosts, each a network namespace, joined by veth pairs to a bridge, br0" in out
+    assert re.search(r"demo  \|   bob    simpletun-demo-\d+-b  veth0 192.0.2.3/24  %s 10.0.0.3/24" % (
+        "tap0" if mode else "tun0"), out)
+    assert "demo  | server: simpletun.py -i %s -dd" % ("tap0" if mode else "tun0") in out and "--clients 3" in out
+    assert out.count("joined the class") == 3
+    port = r"( port \d+)?" if mode else ""
+    for pinger, to, address in (("alice", "carol", "10.0.0.4"), ("bob", "alice", "10.0.0.2"),
+                                ("carol", "bob", "10.0.0.3")):
+        assert "demo  | %s pings the server (10.0.0.1)" % pinger in out
+        said = out.index("demo  | %s pings %s (%s): the server passes each packet on" % (pinger, to, address))
+        ours = out[said:]  # what follows: the echo request, passed on by the server, the reply, passed back
+        there, back = (re.search(r"server\| CLASS: 192\.0\.2\.%s%s -> 192\.0\.2\.%s%s: \d+ bytes, forwarded by the "
+                                 r"server" % (a, port, b, port), ours) for a, b in (
+            ({"alice": 2, "bob": 3, "carol": 4}[pinger], address[-1]), (address[-1], {"alice": 2, "bob": 3, "carol": 4}[pinger])))
+        reply = ours.index("ping  | reply from %s: icmp_seq=1" % address)
+        assert there and back and max(there.start(), back.start()) < reply, ours[:3000]  # (tap: ARP's, too)
+    assert "all 6 echo requests crossed the tunnel and their replies came back" in out
+    assert "removed all four namespaces" in out and clean_demo.left() == []
+
+
+@pytest.mark.netns
+def test_demo_class_kept_stays_up_and_cleans_up_on_sigterm(clean_demo):
+    demo = clean_demo.start("--clients", "2", "--udp", "--keep", start_new_session=True)
+    try:
+        out = LineReader(demo)
+        out.wait_for("the tunnel stays up until Ctrl-C")
+        for wanted in (" ping 10.0.0.2 ", "tcpdump -ni br0 -X udp port 55555"):
+            out.wait_for(wanted)
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        status = demo.wait(TIMEOUT * 3)
+    assert status == 0, out.text()
+    out.wait_for("removed all three namespaces")
+    assert "interrupted: stopping every end" in out.text() and clean_demo.left() == []
 
 
 @pytest.mark.netns
