@@ -405,11 +405,6 @@ import re, select, shutil, ssl, subprocess, time  # noqa: E401,E402
 
 __version__ = "2.0.0"
 
-# The extras, in the order a student meets them: 1. ExtraLink, the full program's link  2. TLS (--tls)
-#    3. the server's waiting room (the selector serve() uses)  4. --addr, --mtu  5. -dd, -ddd and the demo's
-#    stamps (Lines, a logging handler)  6. --offload  7. --udp, --key (a Link of datagrams)  8. a class on
-#    one server (--clients: the Switch, relay()'s link)  9. the demo (--demo)  10. the full command line
-
 
 # ---- 1. The full program's link: ExtraLink --------------------------------------------------
 #      One subclass of Link adds what the tunnel above leaves out: an orderly goodbye, keepalive,
@@ -430,6 +425,15 @@ EVICTED = ("the server reset the connection before it served this end: its waiti
 UNSERVED = ("the server closed the connection without sending a packet: it serves one client at a "
             "time (is another one connected?), or all its --clients slots are taken, or it runs with other "
             "options (--tls, --offload, -u/-a); its log says which")
+
+
+def say_once(said, key, text, *args):
+    """Log a line the first time `key` comes (`said` holds the keys said so far); True if it did."""
+    if key in said:
+        return False
+    said.add(key)
+    log.warning(text, *args)
+    return True
 
 
 def keep_alive(sock):
@@ -771,10 +775,7 @@ class WaitingRoom(selectors.DefaultSelector):
         """Say why a newcomer leaves: each reason once, with its address, then (a flood) counted."""
         self.refused[kind] += 1
         reason = re.sub(r"[0-9.]+", "#", why)  # "its first frame (40 bytes)..." and "(41 bytes)" alike
-        if reason not in self.said:
-            self.said.add(reason)
-            log.warning("SERVER: %s %s: %s", verb, address, why)
-        else:
+        if not say_once(self.said, reason, "SERVER: %s %s: %s", verb, address, why):
             self.unsaid += 1
         if self.report_at is None:
             self.report_at = time.monotonic() + REPORT_EVERY
@@ -974,17 +975,15 @@ def first_frame_verdict(head, tap, offload):
 def packet_mismatch(packet, length, tap):
     """Why the start of a `length`-byte packet cannot be one for this mode, or None if it can."""
     looks_ip = looks_like_ip(packet, length)
-    if tap:
-        if length < PROOF_BYTES["tap"]:
-            return "its first frame (%d bytes) is too short for an Ethernet frame" % length
-        if looks_ip:
-            return ("its first frame is an IP packet, not an Ethernet frame: it runs in tun mode (-u), "
-                    "this end in tap (-a)")
-        return None
-    if looks_ip:
-        return None
-    return ("its first frame (%d bytes) is not an IP packet: noise, or a peer in tap mode (-a) while "
-            "this end is tun" % length)
+    if tap and length < PROOF_BYTES["tap"]:
+        return "its first frame (%d bytes) is too short for an Ethernet frame" % length
+    if tap and looks_ip:
+        return ("its first frame is an IP packet, not an Ethernet frame: it runs in tun mode (-u), "
+                "this end in tap (-a)")
+    if not tap and not looks_ip:
+        return ("its first frame (%d bytes) is not an IP packet: noise, or a peer in tap mode (-a) "
+                "while this end is tun" % length)
+    return None
 
 
 def looks_like_ip(packet, length):
@@ -1086,9 +1085,8 @@ class Lines(logging.Handler):
     def __init__(self, args, stream=None):
         super().__init__()
         self.stream = stream or sys.stderr
-        self.debug, self.tap, self.offload, self.stamps = args.debug, args.tap, args.offload, args.timestamps
-        self.header, self.device, self.udp = OFFLOAD_HEADER if args.offload else HEADER, args.iface, args.udp
-        self.key = args.key
+        self.args, self.debug, self.tap = args, args.debug, args.tap
+        self.header = OFFLOAD_HEADER if args.offload else HEADER
         self.arrived = None  # when the last packet came from the network (see stamp())
         self.quiet_until, self.unsaid = 0, 0  # refusals not printed (see QUIET_TIME)
         self.told_tap = False  # the original's "tap interface" was explained once
@@ -1099,7 +1097,7 @@ class Lines(logging.Handler):
             lines = self.lines_for(record)
             stamp = self.stamp(record)
             for line in lines:
-                self.stream.write(stamped(line, stamp) + "\n" if self.stamps else line + "\n")
+                self.stream.write(stamped(line, stamp) + "\n" if self.args.timestamps else line + "\n")
             self.stream.flush()
         except Exception:  # logging's rule: a broken output never stops the program
             self.handleError(record)
@@ -1121,18 +1119,18 @@ class Lines(logging.Handler):
             return [text]
         if record.msg == "TAP2NET %d: Written %d bytes to the network":
             return [text + (" (one datagram: no length in front, a datagram keeps its own%s)" % (
-                ", with its 8-byte number and 16-byte tag" if self.key else "") if self.udp else
+                ", with its 8-byte number and 16-byte tag" if self.args.key else "") if self.args.udp else
                             " (%d with its %d-byte length)" % (args[1] + self.header.size, self.header.size))]
         if packet is None:
             return [text]
         direction, count = text.split(" ", 1)[0], args[0]
         if not self.told_tap and "the tap interface" in text and not self.tap:
             self.told_tap = True
-            text += " (the original's words for any device: here %s, a tun device)" % self.device
-        lines = [text, "%s %d: %s" % (direction, count, describe(packet, self.tap, self.offload))]
+            text += " (the original's words for any device: here %s, a tun device)" % self.args.iface
+        lines = [text, "%s %d: %s" % (direction, count, describe(packet, self.tap, self.args.offload))]
         if self.debug > 2 and direction == "TAP2NET":
             lines.append("%s %d: on the wire: %s%s%s" % (
-                direction, count, "" if self.udp else "[%s] " % self.header.pack(len(packet)).hex(" "),
+                direction, count, "" if self.args.udp else "[%s] " % self.header.pack(len(packet)).hex(" "),
                 bytes(packet[:WIRE_BYTES]).hex(" "), " ..." if len(packet) > WIRE_BYTES else ""))
         return lines
 
@@ -1419,8 +1417,8 @@ class DatagramLink(Link):
     def send_queued(self):
         """Send each queued packet as one datagram, a run of one size per call (no peer yet: drop them)."""
         if self.peer is None:
-            self.say_once("no client", "SERVER: no client yet: what the device hands over is dropped until "
-                          "one sends")
+            say_once(self.told, "no client", "SERVER: no client yet: what the device hands over is dropped "
+                     "until one sends")
         start = 0 if self.peer else len(self.out)
         with memoryview(self.out) as out:
             while start < len(out):
@@ -1521,9 +1519,9 @@ class DatagramLink(Link):
             self.told -= {"unanswered", "silent"}
         if packet and not self.tap and not self.key and not looks_like_ip(packet, len(packet)):
             self.malformed += 1  # cut short by a lab relay's small buffer, or garbage: the kernel drops it
-            return self.say_once("malformed", "%s sent a datagram that is no whole IP packet (%d bytes; its "
-                                 "IP header says otherwise): not written; such datagrams are counted",
-                                 self.address, len(packet))
+            say_once(self.told, "malformed", "%s sent a datagram that is no whole IP packet (%d bytes; its IP "
+                     "header says otherwise): not written; such datagrams are counted", self.address, len(packet))
+            return None
         return packet
 
     def takes(self, sender, packet, now):
@@ -1581,11 +1579,9 @@ class DatagramLink(Link):
     def drop(self, sender, why):
         """Drop a datagram that is not our peer's: count it, name its sender once (MAX_STRANGERS at most)."""
         self.dropped += 1
-        if sender not in self.strangers and len(self.strangers) < MAX_STRANGERS:
-            self.strangers.add(sender)
-            log.warning("%s: dropping datagrams from %s: %s (counted, not logged again)",
-                        "CLIENT" if self.client else "SERVER", udp_address(sender), why)
-        return None
+        if len(self.strangers) < MAX_STRANGERS:
+            say_once(self.strangers, sender, "%s: dropping datagrams from %s: %s (counted, not logged again)",
+                     "CLIENT" if self.client else "SERVER", udp_address(sender), why)
 
     def tick(self, now):
         """--key: beat after UDP_HEARTBEAT s unsent; a client unanswered UDP_SILENCE s says so. Next in s."""
@@ -1598,11 +1594,10 @@ class DatagramLink(Link):
         if self.client and self.unanswered and "unanswered" not in self.told:
             if now - self.unanswered < UDP_SILENCE:
                 return min(due, self.unanswered + UDP_SILENCE - now)
-            self.say_once("silent", "CLIENT: nothing has come back from %s for %g s: does the server run "
-                          "with --udp, in this mode (%s)%s, and a free slot? Its log says which (or "
-                          "nothing inside the tunnel answers)",
-                          self.address, UDP_SILENCE, "-a" if self.tap else "-u",
-                          ", with the same --key" if self.key else ", without --key")
+            say_once(self.told, "silent", "CLIENT: nothing has come back from %s for %g s: does the server run "
+                     "with --udp, in this mode (%s)%s, and a free slot? Its log says which (or nothing inside the "
+                     "tunnel answers)", self.address, UDP_SILENCE, "-a" if self.tap else "-u",
+                     ", with the same --key" if self.key else ", without --key")
             if self.hello and now - self.hello_at >= UDP_SILENCE:  # (a class's server may have missed it)
                 self.hello_at = now
                 self.hello()
@@ -1610,15 +1605,9 @@ class DatagramLink(Link):
 
     def say_unanswered(self):
         """Client: the server's host answered with ICMP port unreachable. Say so once per silence."""
-        self.say_once("unanswered", "CLIENT: nothing answers at %s port %d (ICMP port unreachable): is the "
-                      "server running, with --udp? The client goes on, and its packets are lost until it is",
-                      self.address, self.peer[1])
-
-    def say_once(self, what, text, *args):
-        """Log a line about `what` unless it was said already (until what it says is over)."""
-        if what not in self.told:
-            self.told.add(what)
-            log.warning(text, *args)
+        say_once(self.told, "unanswered", "CLIENT: nothing answers at %s port %d (ICMP port unreachable): is "
+                 "the server running, with --udp? The client goes on, and its packets are lost until it is",
+                 self.address, self.peer[1])
 
     def close(self):
         """Say how many datagrams were dropped, then close."""
@@ -1801,11 +1790,10 @@ class Switch(Link):
             link.owned += 1
         if owner is not link:
             self.spoofed += 1
-            if (link, owner and source) not in self.said:  # once per address of another's; once for the rest
-                self.said.add((link, owner and source))
-                log.warning("SERVER: dropping %s's packets from %s: %s (counted, not logged again)",
-                            link.address, mac_text(source) if self.tap else ipaddress.ip_address(source),
-                            "that address is %s's" % owner.address if owner else "it owns %d" % MAX_OWNED)
+            say_once(self.said, (link, owner and source),  # once per address of another's; once for the rest
+                     "SERVER: dropping %s's packets from %s: %s (counted, not logged again)", link.address,
+                     mac_text(source) if self.tap else ipaddress.ip_address(source),
+                     "that address is %s's" % owner.address if owner else "it owns %d" % MAX_OWNED)
             return False
         to = self.owners.get(destination)
         if to or self.tap and destination[0] & 1:  # another client's, or (the group bit) a broadcast
@@ -1819,9 +1807,8 @@ class Switch(Link):
         for link in given:
             if len(link.out) >= OUT_LIMIT:  # it takes nothing: packets for it are lost, not everyone's
                 self.lost += 1
-                if (link,) not in self.said:
-                    self.said.add((link,))
-                    log.warning("SERVER: %s takes nothing: packets for it are dropped, counted", link.address)
+                say_once(self.said, (link,), "SERVER: %s takes nothing: packets for it are dropped, counted",
+                         link.address)
                 continue
             link.out += frame
             if self.debug > 1 or self.debug and sender:
@@ -2088,26 +2075,25 @@ def remove_namespace(name):
 
 
 def lossy_cable_method(loss, delay):
-    """How this machine can make the demo's cable lose or delay packets: 'netem', 'nft' or
-    'iptables'; a UserError naming what is missing if it cannot. Decided before anything is built."""
+    """How this machine can make the demo's cable lose or delay packets: 'netem' or 'nft'; a UserError
+    naming what is missing if it cannot. Decided before anything is built."""
     if shutil.which("tc") and (os.path.isdir("/sys/module/sch_netem") or shutil.which("modprobe") and
                                subprocess.run(["modprobe", "-q", "sch_netem"],
                                               stderr=subprocess.DEVNULL).returncode == 0):
         return "netem"
     if delay:
         raise UserError("--delay needs netem (tc qdisc ... netem), which this kernel does not have "
-                        "(modprobe sch_netem fails); --loss alone works with nft or iptables")
-    for command in ("nft", "iptables"):
-        if shutil.which(command):
-            return command
-    raise UserError("--loss needs tc with netem (kernel module sch_netem), nft or iptables: this machine "
-                    "has none (apt install nftables)")
+                        "(modprobe sch_netem fails); --loss alone works with nft")
+    if not shutil.which("nft"):
+        raise UserError("--loss needs tc with netem (kernel module sch_netem) or nft: this machine has "
+                        "neither (apt install nftables)")
+    return "nft"
 
 
 def make_cable_lossy(namespaces, method, loss, delay):
     """Make every packet on the demo's cable, each way, be lost with probability loss % (and delayed
-    by delay ms, netem only). nft and iptables drop it as it arrives: dropped as it leaves, the
-    sender would be told at once (EPERM), which a lossy cable never does."""
+    by delay ms, netem only). nft drops it as it arrives: dropped as it leaves, the sender would be
+    told at once (EPERM), which a lossy cable never does."""
     for namespace in namespaces:
         inside = ("netns", "exec", namespace)  # ip netns exec NAMESPACE COMMAND...
         # one packet on the cable, one segment: with GSO a "packet" may be a 64 KiB super-packet,
@@ -2116,14 +2102,11 @@ def make_cable_lossy(namespaces, method, loss, delay):
         if method == "netem":
             shape = (["loss", "%g%%" % loss] if loss else []) + (["delay", "%gms" % delay] if delay else [])
             ip_command(*inside, "tc", "qdisc", "add", "dev", "veth0", "root", "netem", *shape)
-        elif method == "nft":  # numgen random: a random number per packet, 0..9999
+        else:  # nft: numgen random, a random number per packet, 0..9999
             chance = "numgen random mod 10000 < %d " % round(loss * 100) if loss < 100 else ""
             ip_command(*inside, "nft", "add table inet simpletun_demo; add chain inet simpletun_demo in "
                        "{ type filter hook input priority 0; policy accept; }; "
                        "add rule inet simpletun_demo in iifname veth0 %scounter drop" % chance)
-        else:
-            ip_command(*inside, "iptables", "-A", "INPUT", "-i", "veth0", "-m", "statistic",
-                       "--mode", "random", "--probability", "%g" % (loss / 100), "-j", "DROP")
 
 
 def outer_retransmissions(namespace, port_filter):
@@ -2317,13 +2300,10 @@ def keep_instructions(ns, client, target, transport, cable):
 def bench(ns, timeline, mode):
     """--bench: TCP throughput and ping round trips over the bare cable and through the tunnel."""
     def run(namespace, call):
-        result = subprocess.run(["ip", "netns", "exec", namespace] + calling(call), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, universal_newlines=True, timeout=BENCH_SECONDS * 10)
-        if result.returncode:
-            why = (result.stderr.strip().splitlines() or ["?"])[-1]
-            timeline.say("bench: %s failed: %s" % (call.split("(")[0], why))
-            return None
-        return json.loads(result.stdout)
+        try:
+            return json.loads(ip_command("netns", "exec", namespace, *calling(call)))
+        except UserError as err:  # (its last line: the error the call ended with)
+            timeline.say("bench: %s failed: %s" % (call.split("(")[0], str(err).splitlines()[-1]))
 
     addresses = {side: {"underlay": host_of(DEMO_UNDERLAY[side]), "tunnel": host_of(DEMO_TUNNEL[side])}
                  for side in ("server", "client")}

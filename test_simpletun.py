@@ -2431,12 +2431,12 @@ def test_ctrl_c_on_a_kept_demo_in_a_terminal_prints_both_retransmission_counts_e
 def test_demo_says_in_one_line_what_a_lossy_cable_needs(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("the root check comes first")
-    os.symlink(shutil.which("ip"), tmp_path / "ip")  # ip, and none of tc, nft, iptables
+    os.symlink(shutil.which("ip"), tmp_path / "ip")  # ip, and neither tc nor nft
     result = subprocess.run([sys.executable, SCRIPT, "--demo", "--loss", "10"], capture_output=True, text=True,
                             timeout=TIMEOUT, env=dict(os.environ, PATH=str(tmp_path)))
     assert result.returncode == 1
-    assert result.stderr.strip() == ("simpletun.py: error: --loss needs tc with netem (kernel module sch_netem), "
-                                     "nft or iptables: this machine has none (apt install nftables)")
+    assert result.stderr.strip() == ("simpletun.py: error: --loss needs tc with netem (kernel module sch_netem) or "
+                                     "nft: this machine has neither (apt install nftables)")
 
 
 def test_demo_delay_needs_netem_and_says_so_where_the_kernel_has_none():
