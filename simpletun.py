@@ -1388,7 +1388,7 @@ def read_key(path):
 
 
 class DatagramLink(Link):
-    """A Link over UDP: each packet one datagram. A server's (peer None) learns its client."""
+    """A Link over UDP: each packet one datagram, to and from one peer (a server's are DatagramServer's)."""
 
     def __init__(self, sock, address, tap, peer=None, key=None, batches=False):
         super().__init__(sock, address)
@@ -1410,16 +1410,9 @@ class DatagramLink(Link):
         self.sealer, self.opener = (key and hashlib.blake2b(key=key, digest_size=TAG_SIZE, person=person)
                                     for person in (ours + b" to " + theirs, theirs + b" to " + ours))
 
-    def filter(self, record):
-        """A server with no client yet: no "Written ... to the network" line for a packet going nowhere."""
-        return self.peer is not None or not record.msg.endswith("to the network")
-
     def send_queued(self):
-        """Send each queued packet as one datagram, a run of one size per call (no peer yet: drop them)."""
-        if self.peer is None:
-            say_once(self.told, "no client", "SERVER: no client yet: what the device hands over is dropped "
-                     "until one sends")
-        start = 0 if self.peer else len(self.out)
+        """Send each queued packet as one datagram, a run of one size per call."""
+        start = 0
         with memoryview(self.out) as out:
             while start < len(out):
                 run, end = self.next_run(out, start)
@@ -1439,7 +1432,7 @@ class DatagramLink(Link):
                                     self.address, err.strerror)
                 start = end
             run = None  # (views of the queue: they must go before the queue can change)
-        if start and self.peer:
+        if start:
             self.sent_at = time.monotonic()
             self.unanswered = self.unanswered or self.sent_at  # (until something comes back)
         del self.out[:start]
@@ -1503,16 +1496,10 @@ class DatagramLink(Link):
         return self.packets
 
     def admitted(self, sender, datagram, now):
-        """The packet a datagram carries if it is from our peer (empty: "still here"), else None."""
+        """The packet in a datagram from our peer (empty: "still here"); None if it is no packet for us."""
         packet = self.opened(datagram) if self.key else datagram
         if packet is None:
             return self.drop(sender, NO_TAG)
-        if sender != self.peer and not self.takes(sender, packet, now):
-            return None
-        return self.heard(packet, now)
-
-    def heard(self, packet, now):
-        """Our peer sent a packet: a silence is over. Return it, unless it is no whole IP packet."""
         self.heard_at = now
         if self.unanswered is not None:  # an answer: a silence is over
             self.unanswered = None
@@ -1523,30 +1510,6 @@ class DatagramLink(Link):
                      "header says otherwise): not written; such datagrams are counted", self.address, len(packet))
             return None
         return packet
-
-    def takes(self, sender, packet, now):
-        """Server: True if a new sender becomes our peer. Without --key, a plausible packet's sender while
-        we have none or our client has been silent UDP_SILENCE s; with --key, the newest key holder."""
-        if not self.key:
-            if not packet:  # a --key end's heartbeat, or noise: nothing to write
-                return False
-            why = self.implausible(packet)
-            if not why and self.peer and now - self.heard_at < UDP_SILENCE:
-                why = "it sent a packet, but %s is being served" % self.address
-            if why:
-                return self.drop(sender, why)
-        log.warning("SERVER: serving %s%s", udp_address(sender), "" if self.peer is None else
-                    " (%s was silent for %d s)" % (self.address, now - self.heard_at) if not self.key else
-                    " (it holds the key; %s no longer has the slot)" % self.address)
-        self.peer, self.address = sender, udp_address(sender)
-        return True
-
-    def implausible(self, packet):
-        """Without --key: why a new sender's packet is no packet for this end (None: it is one)."""
-        inner = packet[NUMBER.size:-TAG_SIZE]  # what a --key end's datagram carries
-        if len(packet) == KEY_OVERHEAD or not self.tap and inner and looks_like_ip(inner, len(inner)):
-            return "it runs with --key, this end without: give both ends the same --key FILE"
-        return packet_mismatch(packet, len(packet), self.tap)
 
     def opened(self, datagram):
         """--key: the packet inside a datagram whose tag is right and whose number is new, else None."""
@@ -1618,7 +1581,6 @@ class DatagramLink(Link):
         for count, what in ((self.unsent, "could not be sent"), (self.malformed, "were no whole packets")):
             if count:
                 log.warning("%d packet(s) %s", count, what)
-        log.removeFilter(self)
         super().close()
 
 
@@ -1677,13 +1639,11 @@ def udp_socket(args, key=None):
     except OSError:
         batches = False
         log.debug("this kernel cannot hand over runs of datagrams (UDP_GRO, Linux 5.0): one per call")
-    if args.clients > 1:
-        return DatagramDoor(sock, args.tap, key, batches, args.clients, args.debug)
-    link = DatagramLink(sock, args.client or "", args.tap, sock.getpeername() if args.client else None,
-                        key, batches)
-    if not args.client:
-        log.addFilter(link)  # until close(): see filter()
-    return link
+    if args.client:
+        return DatagramLink(sock, args.client, args.tap, sock.getpeername(), key, batches)
+    server = DatagramServer(sock, args.tap, key, batches, args.clients, args.debug)
+    log.addFilter(server)  # until close(): see filter()
+    return server
 
 
 # ---- 8. A class on one server (--clients N): Switch, packet_ends() ---------------------------
@@ -1692,7 +1652,7 @@ def udp_socket(args, key=None):
 #      Each client is an ExtraLink the waiting room admits, with a handler of its own; its packets must
 #      come from addresses it owns (learnt from what it sent: first come, first served), and go to the
 #      device or straight to the client they are for. A client that stops reading loses its own packets.
-#      Over --udp, a DatagramDoor is relay()'s link: each client a DatagramLink on its one socket.
+#      Over --udp, the DatagramServer (section 7's server, one slot or more) is relay()'s link.
 
 MAX_OWNED = 16  # addresses one client may own: a tunnel address or two, IPv6's, a bridge's MACs
 RECONNECT_EVERY = 3  # seconds between a --reconnect client's tries
@@ -1726,8 +1686,8 @@ class Switch(Link):
         self.clients.append(link)
         if self.room:  # (over UDP every client shares the one socket, which relay() watches)
             self.room.register(link.sock, selectors.EVENT_READ, lambda ready: self.client_ready(link, ready))
-        log.warning("SERVER: %s joined the class (%d of %d slots)", link.address, len(self.clients),
-                    self.slots)
+        log.warning("SERVER: %s", "serving " + link.address if self.slots == 1 else "%s joined the class%s" % (
+            link.address, self.count()))
 
     def client_ready(self, link, events):
         """A client's connection can move bytes: as link_ready() (unless it left earlier in this wake-up)."""
@@ -1765,8 +1725,12 @@ class Switch(Link):
         for address in [a for a, owner in self.owners.items() if owner is link]:
             del self.owners[address]
         self.said = {said for said in self.said if said[0] is not link}
-        log.warning("SERVER: %s left the class: %s (%d of %d slots)", link.address, why, len(self.clients),
-                    self.slots)
+        log.warning("SERVER: %s %s: %s%s", link.address, "left the class" if self.slots > 1 else
+                    "no longer has the slot", why, self.count())
+
+    def count(self):
+        """How many of a class's slots are taken, as its lines say it ("" for one slot)."""
+        return " (%d of %d slots)" % (len(self.clients), self.slots) if self.slots > 1 else ""
 
     def send_queued(self):
         """TAP2NET: each packet the device handed over, to the client that owns its destination."""
@@ -1820,17 +1784,19 @@ class Switch(Link):
         """The server stops: goodbye to every client, and what the class passed on, in one line."""
         for link in list(self.clients):
             self.leave(link, "the server stops")
-        log.warning("SERVER: the class dropped %d packet(s) from another's address, %d for clients taking "
-                    "nothing", self.spoofed, self.lost)
+        if self.slots > 1:
+            log.warning("SERVER: the class dropped %d packet(s) from another's address, %d for clients "
+                        "taking nothing", self.spoofed, self.lost)
         self.pair[1].close()
         super().close()
 
 
-class DatagramDoor(DatagramLink):
-    """--udp --clients N: the server's one socket, relay()'s link. A sender that holds a slot is a
-    DatagramLink of its own on this socket (its replay window, its silence), a client of the Switch,
-    which sorts the packets out. A newcomer takes a free slot, or the slot and addresses of a client
-    silent UDP_SILENCE s (restarted, or gone); with --key, never by replaying a client's datagrams."""
+class DatagramServer(DatagramLink):
+    """--udp, server: the one socket, relay()'s link. Each sender that holds a slot is a DatagramLink of
+    its own on this socket (its replay window, its silence), a client of the Switch, which sorts the
+    packets out (one slot: all are the one client's). A newcomer takes a free slot, or the slot and
+    addresses of a client silent UDP_SILENCE s (restarted, or gone; --key and one slot: at once, the
+    newest key holder wins); with --key, never by replaying a client's datagrams."""
 
     def __init__(self, sock, tap, key, batches, slots, debug):
         super().__init__(sock, "", tap, None, key, batches)
@@ -1839,9 +1805,22 @@ class DatagramDoor(DatagramLink):
         self.links = {}  # sender -> its DatagramLink
         self.retired = {}  # --key: an address a client left behind -> the newest number it came with
 
+    def filter(self, record):
+        """No client yet: no "Written ... to the network" line for a packet going nowhere."""
+        return bool(self.links) or not record.msg.endswith("to the network")
+
     def send_queued(self):
-        """TAP2NET: each packet to the client that owns its destination (Switch.send_queued())."""
-        self.switch.send_queued()
+        """TAP2NET: each packet to the client that owns its destination (one slot: to the one client)."""
+        clients = self.switch.clients
+        if not clients:
+            say_once(self.told, "no client", "SERVER: no client yet: what the device hands over is dropped "
+                     "until one sends")
+        if self.switch.slots > 1 or not clients:
+            return self.switch.send_queued()
+        if len(clients[0].out) < OUT_LIMIT:  # (else it takes nothing: the packets are lost)
+            clients[0].out += self.out
+        del self.out[:]
+        clients[0].send_queued()
 
     def receive(self):
         """DatagramLink.receive(); then what clients sent each other goes on, one send per client."""
@@ -1853,30 +1832,28 @@ class DatagramDoor(DatagramLink):
         """A client's packet for the device; None if it was for another client (passed on) or is none."""
         link = self.links.get(sender) or self.newcomer(sender, datagram, now)
         packet = link and link.admitted(sender, datagram, now)
-        return packet if packet and self.switch.from_client(link, packet) else None
+        return packet if packet and (self.switch.slots == 1 or self.switch.from_client(link, packet)) else None
 
     def newcomer(self, sender, datagram, now):
         """A datagram from a new sender: the DatagramLink that serves it from now on, or None."""
-        packet = self.tagged(datagram) if self.key else datagram
-        if not packet:  # (an empty one, a heartbeat or noise, tells nothing of who sent it)
-            return packet is None and self.drop(sender, NO_TAG)
-        source = packet_ends(packet, self.tap)[0]
-        owner, why = self.switch.owners.get(source), None if self.key else self.implausible(packet)
+        packet, clients, slots = self.tagged(datagram) if self.key else datagram, self.switch.clients, self.switch.slots
+        if packet is None:
+            return self.drop(sender, NO_TAG)
+        if not packet and not (self.key and slots == 1):  # an empty one (a heartbeat, or noise): from whom?
+            return None
+        source = packet_ends(packet, self.tap)[0] if packet else None
+        owner = self.switch.owners.get(source) if slots > 1 else clients and clients[0]  # (one slot: all its)
+        why = None if self.key else self.implausible(packet)
         newest = owner.newest if owner else self.retired.get(source, 0)  # (--key: numbers only grow)
         if self.key and NUMBER.unpack_from(datagram)[0] <= newest:
             why = "it replays the datagrams of a client, here or gone"
         if owner and not why:  # a client restarted, or moved, or someone sends from its address
-            if now - owner.heard_at < UDP_SILENCE:
-                why = "it sends from %s's address, and %s is here" % (owner.address, owner.address)
-            else:
-                self.evict(owner, now, sender)
-        clients = self.switch.clients
-        if not why and len(clients) >= self.switch.slots:
-            silent = min(clients, key=lambda link: link.heard_at)
-            if now - silent.heard_at < UDP_SILENCE:
-                why = "all %d slots of the class are taken (--clients)" % self.switch.slots
-            else:
-                self.evict(silent, now, sender)
+            why = self.keeps_place(owner, now, sender) and (
+                "it sends from %s's address, and %s is here" % (owner.address, owner.address) if slots > 1
+                else "it sent a packet, but %s is being served" % owner.address)
+        if not why and len(clients) >= slots:
+            why = self.keeps_place(min(clients, key=lambda link: link.heard_at), now, sender) and \
+                "all %d slots of the class are taken (--clients)" % slots
         if why:
             return self.drop(sender, why)
         link = self.links[sender] = DatagramLink(self.sock, udp_address(sender), self.tap, None, self.key,
@@ -1885,23 +1862,44 @@ class DatagramDoor(DatagramLink):
         self.switch.join(link)
         return link
 
-    def evict(self, link, now, newcomer):
-        """A client silent UDP_SILENCE s leaves for a newcomer; --key: its numbers are remembered."""
+    def implausible(self, packet):
+        """Without --key: why a new sender's packet is no packet for this end (None: it is one)."""
+        inner = packet[NUMBER.size:-TAG_SIZE]  # what a --key end's datagram carries
+        if len(packet) == KEY_OVERHEAD or not self.tap and inner and looks_like_ip(inner, len(inner)):
+            return "it runs with --key, this end without: give both ends the same --key FILE"
+        return packet_mismatch(packet, len(packet), self.tap)
+
+
+    def keeps_place(self, link, now, newcomer):
+        """True if a client keeps its place against a newcomer; else it leaves (silent UDP_SILENCE s, or --key
+        and one slot: the newest key holder wins), and its numbers are remembered (--key)."""
+        if now - link.heard_at < UDP_SILENCE and not (self.key and self.switch.slots == 1):
+            return True
         for address in [a for a, owner in self.switch.owners.items() if owner is link]:
             self.retired[address] = link.newest
         while len(self.retired) > MAX_STRANGERS:
             del self.retired[next(iter(self.retired))]
-        del self.links[link.peer]
-        self.switch.leave(link, "silent for %d s, its place goes to %s" % (now - link.heard_at,
-                                                                           udp_address(newcomer)))
+        self.counts_of(self.links.pop(link.peer))
+        self.switch.leave(link, "%s, its place goes to %s" % (
+            "it holds the key" if now - link.heard_at < UDP_SILENCE else "silent for %d s" % (now - link.heard_at),
+            udp_address(newcomer)))
+        return False
 
     def tick(self, now):
         """--key: each client's heartbeat (DatagramLink.tick()); the seconds until the next."""
         return min([UDP_SILENCE] + [link.tick(now) for link in self.switch.clients])
 
+    def counts_of(self, link):
+        """A client's counts of what it dropped, did not send, or found no whole packet, become the server's."""
+        self.dropped, self.unsent, self.malformed = (self.dropped + link.dropped, self.unsent + link.unsent,
+                                                      self.malformed + link.malformed)
+
     def close(self):
-        """The server stops: the class ends, then the door says what it dropped."""
+        """The server stops: its clients leave, then it says what they and it dropped."""
+        for link in self.links.values():
+            self.counts_of(link)
         self.switch.close()
+        log.removeFilter(self)
         super().close()
 
 

@@ -2634,12 +2634,22 @@ def udp_ends(tap=False, key=None):
     client.connect(server.getsockname())
     kernel.settimeout(TIMEOUT)
     client.settimeout(TIMEOUT)
-    link = simpletun.DatagramLink(server, "", tap, key=key)
+    link = simpletun.DatagramServer(server, tap, key, False, 1, 0)
     try:
         yield Tunnel(device.fileno(), "tun9"), link, kernel, client
     finally:
         for sock in (device, kernel, server, client):
             sock.close()
+
+
+def served(server):
+    """The address a --udp server serves (its one client's), or None."""
+    return next(iter(server.links), None)
+
+
+def client_of(server):
+    """The DatagramLink of a --udp server's one client."""
+    return next(iter(server.links.values()))
 
 
 def until_received(tunnel, link):
@@ -2653,7 +2663,7 @@ def test_udp_each_packet_travels_as_one_datagram_without_a_length_both_ways():
         client.send(UDP_PACKET)
         until_received(tunnel, link)
         assert kernel.recv(65536) == UDP_PACKET  # the datagram, written as one packet
-        assert link.peer == client.getsockname()  # the server learnt its client
+        assert served(link) == client.getsockname()  # the server learnt its client
         kernel.send(ECHO_REQUEST)
         simpletun.tap2net(tunnel, link)
         assert client.recv(65536) == ECHO_REQUEST  # nothing in front: a datagram keeps its own length
@@ -2685,11 +2695,14 @@ def test_udp_server_drops_strangers_naming_each_once_and_takes_a_new_client_afte
         assert len(dropping) == 2, caplog.messages  # one line per stranger, not per datagram
         assert "but 127.0.0.1 port %d is being served" % client.getsockname()[1] in dropping[0]
         assert any("is not an IP packet" in m for m in dropping)
-        link.heard_at -= simpletun.UDP_SILENCE  # the client has gone quiet
+        client_of(link).heard_at -= simpletun.UDP_SILENCE  # the client has gone quiet
         stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
         until_received(tunnel, link)
-        assert kernel.recv(65536) == ECHO_REQUEST and link.peer[1] == stranger.getsockname()[1]
-        assert "was silent for 3 s" in caplog.messages[-1]
+        assert kernel.recv(65536) == ECHO_REQUEST and served(link)[1] == stranger.getsockname()[1]
+        assert caplog.messages[-2:] == [
+            "SERVER: 127.0.0.1 port %d no longer has the slot: silent for 3 s, its place goes to 127.0.0.1 port %d"
+            % (client.getsockname()[1], stranger.getsockname()[1]), "SERVER: serving 127.0.0.1 port %d"
+            % stranger.getsockname()[1]]
         link.close()
         assert "dropped 10 datagram(s) from 2 other sender(s)" in caplog.messages[-1]
 
@@ -2741,8 +2754,8 @@ def test_udp_tunnel_carries_pings_and_transfers_both_ways_and_takes_back_a_resta
     lab.tunnel("c", "-i", device, "--udp", *mode)  # a new client: a new source port
     lab.configure("c", device)
     assert tunnel_passes(lab, "c")  # once the old client has been silent for UDP_SILENCE s
-    assert re.search(r"SERVER: serving 192.0.2.2 port \d+ \(192.0.2.2 port \d+ was silent for [3-9] s\)",
-                     log_of(server))
+    assert re.search(r"SERVER: 192.0.2.2 port \d+ no longer has the slot: silent for [3-9] s, its place goes to "
+                     r"192.0.2.2 port \d+\nSERVER: serving 192.0.2.2 port \d+", log_of(server))
 
 
 UDP_FLOOD = """
@@ -2844,7 +2857,7 @@ def test_udp_key_tags_every_datagram_and_the_key_holder_is_served(caplog):
         client.out += frame(UDP_PACKET)
         client.send_queued()
         until_received(tunnel, server)
-        assert kernel.recv(65536) == UDP_PACKET and server.peer == client.sock.getsockname()
+        assert kernel.recv(65536) == UDP_PACKET and served(server) == client.sock.getsockname()
         kernel.send(ECHO_REQUEST)
         simpletun.tap2net(tunnel, server)
         datagram = client.sock.recv(65536)
@@ -2873,7 +2886,7 @@ def test_udp_key_refuses_every_datagram_without_a_valid_tag_and_names_its_sender
         time.sleep(0.1)
         assert server.receive() is None and server.dropped == 5
         assert not select.select([kernel], [], [], 0.1)[0]  # nothing written
-        assert server.peer == client.sock.getsockname()  # the client keeps its slot
+        assert served(server) == client.sock.getsockname()  # the client keeps its slot
         assert [m for m in caplog.messages if "dropping datagrams" in m] == [
             "SERVER: dropping datagrams from 127.0.0.1 port %d: %s (or it replays old datagrams) (counted, not logged "
             "again)" % (stranger.getsockname()[1], "no valid --key tag: it runs with another key, or without --key")]
@@ -2889,23 +2902,23 @@ def test_udp_key_refuses_a_replay_from_another_address_after_a_restart_and_a_ref
         assert kernel.recv(65536) == UDP_PACKET
         attacker.sendto(recorded[0], server.sock.getsockname())  # the same datagram again, from elsewhere
         time.sleep(0.05)
-        assert server.receive() is None and server.peer == client.sock.getsockname()
+        assert server.receive() is None and served(server) == client.sock.getsockname()
         # the client restarts (new numbers, new port); then every recorded datagram is replayed
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.connect(server.sock.getsockname())
             restarted = simpletun.DatagramLink(sock, "127.0.0.1", False, sock.getpeername(), KEY)
             sock.send(sealed(restarted, ECHO_REQUEST))
             until_received(tunnel, server)
-            assert kernel.recv(65536) == ECHO_REQUEST and server.peer == sock.getsockname()  # at once
+            assert kernel.recv(65536) == ECHO_REQUEST and served(server) == sock.getsockname()  # at once
             for datagram in recorded:
                 attacker.sendto(datagram, server.sock.getsockname())
             kernel.send(UDP_PACKET)  # the server sends to its client: the attacker records and reflects it
-            server.number = server.newest + 10  # (a number the window would take: only the direction refuses it)
+            client_of(server).number = client_of(server).newest + 10  # (a number the window would take: only the direction refuses it)
             simpletun.tap2net(tunnel, server)
             attacker.sendto(sock.recv(65536), server.sock.getsockname())
             time.sleep(0.05)
             assert server.receive() is None and server.dropped == 1 + 3 + 1
-            assert server.peer == sock.getsockname() and not select.select([kernel], [], [], 0.1)[0]
+            assert served(server) == sock.getsockname() and not select.select([kernel], [], [], 0.1)[0]
 
 
 def test_udp_key_a_paused_client_keeps_its_slot_against_a_strangers_packets(caplog):
@@ -2914,11 +2927,11 @@ def test_udp_key_a_paused_client_keeps_its_slot_against_a_strangers_packets(capl
         client.sock.send(sealed(client, UDP_PACKET))
         until_received(tunnel, server)
         kernel.recv(65536)
-        server.heard_at -= 10 * simpletun.UDP_SILENCE  # the client has been stopped for a long time
+        client_of(server).heard_at -= 10 * simpletun.UDP_SILENCE  # the client has been stopped for a long time
         for _ in range(3):
             stranger.sendto(ECHO_REQUEST, server.sock.getsockname())  # plausible, but with no tag
         time.sleep(0.05)
-        assert server.receive() is None and server.peer == client.sock.getsockname()
+        assert server.receive() is None and served(server) == client.sock.getsockname()
         client.sock.send(sealed(client, ECHO_REQUEST))  # back: served as before
         until_received(tunnel, server)
         assert kernel.recv(65536) == ECHO_REQUEST
@@ -2994,7 +3007,7 @@ def udp_class(slots=3, key=None, tap=False):
     """A --udp --clients server's link (the door) on loopback with a stand-in device, and a way to add students:
     each a UDP socket (with a key: a --key client's DatagramLink, to seal what it sends)."""
     with udp_ends(tap=tap) as (tunnel, plain, kernel, _):
-        door = simpletun.DatagramDoor(plain.sock, tap, key, False, slots, 1)
+        door = simpletun.DatagramServer(plain.sock, tap, key, False, slots, 1)
         students = []
 
         def join(address=None, mac=None, first=None):
@@ -3190,7 +3203,7 @@ def test_udp_datagram_that_is_no_whole_ip_packet_is_one_line_counted_and_not_wri
         time.sleep(0.05)
         simpletun.net2tap(tunnel, link)
         assert kernel.recv(65536) == UDP_PACKET and not select.select([kernel], [], [], 0.1)[0]
-        assert link.malformed == 3
+        assert client_of(link).malformed == 3
         assert [m for m in caplog.messages if "no whole IP packet" in m] == [
             "127.0.0.1 port %d sent a datagram that is no whole IP packet (40 bytes; its IP header says otherwise): "
             "not written; such datagrams are counted" % client.getsockname()[1]]
@@ -3369,7 +3382,8 @@ def test_udp_key_tunnel_crosses_and_a_restarted_client_is_served_within_1_s(lab,
     client.wait(TIMEOUT)
     client = lab.tunnel("c", "-i", "tun0", "--udp", "--key", key, "-d")
     wait_for(lambda: "CLIENT: Connected" in log_of(client), "the new client to start")
-    wait_for(lambda: "(it holds the key; 192.0.2.2 port" in log_of(server), "the server to serve it", timeout=1)
+    wait_for(lambda: "no longer has the slot: it holds the key, its place goes to 192.0.2.2 port" in log_of(server),
+             "the server to serve it", timeout=1)
     lab.configure("c", "tun0")
     assert lab.probe("c", count=5) == 5
     assert "dropping datagrams" not in log_of(server)
@@ -3624,7 +3638,7 @@ def test_udp_key_heartbeat_is_taken_as_still_here_and_never_written_to_the_devic
         time.sleep(0.05)
         simpletun.net2tap(tunnel, server)
         assert kernel.recv(65536) == UDP_PACKET and not select.select([kernel], [], [], 0.1)[0]
-        assert tunnel.net2tap == 1 and server.peer == client.sock.getsockname()
+        assert tunnel.net2tap == 1 and served(server) == client.sock.getsockname()
 
 
 def test_offload_client_refuses_a_first_frame_that_is_not_the_greeting():
