@@ -1506,15 +1506,27 @@ class DatagramLink(Link):
             self.told -= {"unanswered", "silent"}
         if packet and not self.tap and not self.key and not looks_like_ip(packet, len(packet)):
             self.malformed += 1  # cut short by a lab relay's small buffer, or garbage: the kernel drops it
-            say_once(self.told, "malformed", "%s sent a datagram that is no whole IP packet (%d bytes; its IP "
-                     "header says otherwise): not written; such datagrams are counted", self.address, len(packet))
+            say_once(self.told, "malformed", "%s sent a datagram that is no whole IP packet (%d bytes; its "
+                     "IP header says otherwise): not written; such datagrams are counted", self.address,
+                     len(packet))
             return None
         return packet
 
     def opened(self, datagram):
         """--key: the packet inside a datagram whose tag is right and whose number is new, else None."""
         packet = self.tagged(datagram)
-        return packet if packet is not None and self.fresh(NUMBER.unpack_from(datagram)[0]) else None
+        if packet is None:
+            return None
+        (number,) = NUMBER.unpack_from(datagram)
+        age = self.newest - number
+        if age < 0:  # the newest yet: the window moves on
+            self.seen = (self.seen << -age | 1) & REPLAY_BITS if -age < REPLAY_WINDOW else 1
+            self.newest = number
+        elif age >= REPLAY_WINDOW or self.seen >> age & 1:
+            return None  # too old to tell, or taken before: a replay
+        else:
+            self.seen |= 1 << age
+        return packet
 
     def tagged(self, datagram):
         """--key: the packet inside a datagram whose tag is right, else None."""
@@ -1524,20 +1536,6 @@ class DatagramLink(Link):
         tag.update(datagram[:-TAG_SIZE])
         return datagram[NUMBER.size:-TAG_SIZE] if hmac.compare_digest(tag.digest(), datagram[-TAG_SIZE:]) \
             else None
-
-    def fresh(self, number, take=True):
-        """--key: True if no datagram with this number came before (and, `take`: none may again)."""
-        age = self.newest - number
-        if age < 0:  # the newest yet: the window moves on
-            if take:
-                self.seen = (self.seen << -age | 1) & REPLAY_BITS if -age < REPLAY_WINDOW else 1
-                self.newest = number
-            return True
-        if age >= REPLAY_WINDOW or self.seen >> age & 1:
-            return False  # too old to tell, or taken before: a replay
-        if take:
-            self.seen |= 1 << age
-        return True
 
     def drop(self, sender, why):
         """Drop a datagram that is not our peer's: count it, name its sender once (MAX_STRANGERS at most)."""
@@ -1557,9 +1555,9 @@ class DatagramLink(Link):
         if self.client and self.unanswered and "unanswered" not in self.told:
             if now - self.unanswered < UDP_SILENCE:
                 return min(due, self.unanswered + UDP_SILENCE - now)
-            say_once(self.told, "silent", "CLIENT: nothing has come back from %s for %g s: does the server run "
-                     "with --udp, in this mode (%s)%s, and a free slot? Its log says which (or nothing inside the "
-                     "tunnel answers)", self.address, UDP_SILENCE, "-a" if self.tap else "-u",
+            say_once(self.told, "silent", "CLIENT: nothing has come back from %s for %g s: does the server "
+                     "run with --udp, in this mode (%s)%s, and a free slot? Its log says which (or nothing "
+                     "inside the tunnel answers)", self.address, UDP_SILENCE, "-a" if self.tap else "-u",
                      ", with the same --key" if self.key else ", without --key")
             if self.hello and now - self.hello_at >= UDP_SILENCE:  # (a class's server may have missed it)
                 self.hello_at = now
@@ -1686,8 +1684,8 @@ class Switch(Link):
         self.clients.append(link)
         if self.room:  # (over UDP every client shares the one socket, which relay() watches)
             self.room.register(link.sock, selectors.EVENT_READ, lambda ready: self.client_ready(link, ready))
-        log.warning("SERVER: %s", "serving " + link.address if self.slots == 1 else "%s joined the class%s" % (
-            link.address, self.count()))
+        log.warning("SERVER: %s", "serving " + link.address if self.slots == 1 else
+                    "%s joined the class%s" % (link.address, self.count()))
 
     def client_ready(self, link, events):
         """A client's connection can move bytes: as link_ready() (unless it left earlier in this wake-up)."""
@@ -1832,17 +1830,20 @@ class DatagramServer(DatagramLink):
         """A client's packet for the device; None if it was for another client (passed on) or is none."""
         link = self.links.get(sender) or self.newcomer(sender, datagram, now)
         packet = link and link.admitted(sender, datagram, now)
-        return packet if packet and (self.switch.slots == 1 or self.switch.from_client(link, packet)) else None
+        if packet and (self.switch.slots == 1 or self.switch.from_client(link, packet)):  # (one: all its)
+            return packet
+        return None
 
     def newcomer(self, sender, datagram, now):
         """A datagram from a new sender: the DatagramLink that serves it from now on, or None."""
-        packet, clients, slots = self.tagged(datagram) if self.key else datagram, self.switch.clients, self.switch.slots
+        packet = self.tagged(datagram) if self.key else datagram
+        clients, slots = self.switch.clients, self.switch.slots
         if packet is None:
             return self.drop(sender, NO_TAG)
         if not packet and not (self.key and slots == 1):  # an empty one (a heartbeat, or noise): from whom?
             return None
         source = packet_ends(packet, self.tap)[0] if packet else None
-        owner = self.switch.owners.get(source) if slots > 1 else clients and clients[0]  # (one slot: all its)
+        owner = self.switch.owners.get(source) if slots > 1 else clients[0] if clients else None
         why = None if self.key else self.implausible(packet)
         newest = owner.newest if owner else self.retired.get(source, 0)  # (--key: numbers only grow)
         if self.key and NUMBER.unpack_from(datagram)[0] <= newest:
@@ -1869,7 +1870,6 @@ class DatagramServer(DatagramLink):
             return "it runs with --key, this end without: give both ends the same --key FILE"
         return packet_mismatch(packet, len(packet), self.tap)
 
-
     def keeps_place(self, link, now, newcomer):
         """True if a client keeps its place against a newcomer; else it leaves (silent UDP_SILENCE s, or --key
         and one slot: the newest key holder wins), and its numbers are remembered (--key)."""
@@ -1880,9 +1880,9 @@ class DatagramServer(DatagramLink):
         while len(self.retired) > MAX_STRANGERS:
             del self.retired[next(iter(self.retired))]
         self.counts_of(self.links.pop(link.peer))
-        self.switch.leave(link, "%s, its place goes to %s" % (
-            "it holds the key" if now - link.heard_at < UDP_SILENCE else "silent for %d s" % (now - link.heard_at),
-            udp_address(newcomer)))
+        silent = now - link.heard_at
+        why = "silent for %d s" % silent if silent >= UDP_SILENCE else "it holds the key"
+        self.switch.leave(link, "%s, its place goes to %s" % (why, udp_address(newcomer)))
         return False
 
     def tick(self, now):
@@ -1890,7 +1890,7 @@ class DatagramServer(DatagramLink):
         return min([UDP_SILENCE] + [link.tick(now) for link in self.switch.clients])
 
     def counts_of(self, link):
-        """A client's counts of what it dropped, did not send, or found no whole packet, become the server's."""
+        """A client's counts (dropped, not sent, no whole packet) become the server's."""
         self.dropped, self.unsent, self.malformed = (self.dropped + link.dropped, self.unsent + link.unsent,
                                                       self.malformed + link.malformed)
 
@@ -2140,8 +2140,9 @@ def demo(args):
     remove_stale_demos()
     mode, device = ("tap", "tap0") if args.tap else ("tun", "tun0")
     clients = DEMO_CLASS[:args.clients] if args.clients > 1 else ("client",)
-    sides = ("server",) + clients + (("lan",) if args.lan else ())
-    ns = {side: "%s%d-%s" % (DEMO_PREFIX, os.getpid(), side[0]) for side in sides}
+    hosts = ("server",) + clients
+    ns = {side: "%s%d-%s" % (DEMO_PREFIX, os.getpid(), side[0])
+          for side in hosts + (("lan",) if args.lan else ())}
     level = 0 if args.bench else args.debug or (0 if args.keep else 2)  # kept: quiet unless asked
     options = ["-i", device] + (["-" + "d" * level] if level else []) + (["-a"] if args.tap else []) + \
         [option for flag in ("tls", "key") if getattr(args, flag)
@@ -2153,22 +2154,23 @@ def demo(args):
         (["--clients", str(args.clients)] if args.clients > 1 else [])
     target = host_of(DEMO_LAN["lan"] if args.lan else DEMO_TUNNEL["server"])
     # who pings whom: the client its target; each client of a class the server, then another client
-    pings = [(side, host_of(DEMO_TUNNEL[to]), to) for n, side in enumerate(clients) for to in ("server", clients[n - 1])] \
-        if args.clients > 1 else [("client", target, None)]
-    cable = "br0" if args.clients > 1 else "veth0"  # the server's end of the cable (a class: a bridge)
+    pings = [("client", target, None)] if args.clients == 1 else [(side, host_of(DEMO_TUNNEL[to]), to)
+                                                                  for n, side in enumerate(clients)
+                                                                  for to in ("server", clients[n - 1])]
+    cable = "br0" if args.clients > 1 else "veth0"  # the server's end of the cable (a class: on a bridge)
     timeline = Timeline()
     timeline.say("%s hosts, each a network namespace, joined by %s (the \"physical\" network):" % (
-        DEMO_COUNT[len(sides)], "veth pairs to a bridge, br0" if args.clients > 1 else
+        DEMO_COUNT[len(ns)], "veth pairs to a bridge, br0" if args.clients > 1 else
         "veth pairs" if args.lan else "a veth pair"))
     intro = ["  %-6s %s  %s %s  %s %s" % (side, ns[side], cable if side == "server" else "veth0",
-                                         DEMO_UNDERLAY[side], device, DEMO_TUNNEL[side]) for side in sides[:len(clients) + 1]]
+                                         DEMO_UNDERLAY[side], device, DEMO_TUNNEL[side]) for side in hosts]
     if args.lan:
         intro.append("  lan    %s  lan0 %s, on a LAN behind the server (its lan0 %s), which forwards"
                      % (ns["lan"], DEMO_LAN["lan"], DEMO_LAN["server"]))
-    intro.append(("a %s tunnel joins %s and %s" % (mode, DEMO_TUNNEL["server"], DEMO_TUNNEL["client"])
-                  + ("" if args.bench else "; the client pings %s through it" % target)) if args.clients == 1 else
-                 "a %s tunnel joins the server and its %d clients (--clients %d); each client pings the server, "
-                 "then another client" % (mode, len(clients), len(clients)))
+    intro.append("a %s tunnel joins %s and %s%s" % (mode, DEMO_TUNNEL["server"], DEMO_TUNNEL["client"], "" if
+                 args.bench else "; the client pings %s through it" % target) if args.clients == 1 else
+                 "a %s tunnel joins the server and its %d clients (--clients %d); each client pings the "
+                 "server, then another client" % (mode, len(clients), len(clients)))
     timeline.say("\n".join(intro))
     running, crossed, interrupted = {}, False, False
     script = [sys.executable, os.path.abspath(__file__), "--timestamps"]
@@ -2197,8 +2199,9 @@ def demo(args):
         crossed = True
         for side, address, to in pings:
             if to:
-                timeline.say("%s pings %s (%s)%s" % (side, "the " * (to == "server") + to, address, "" if to == "server" else
-                                                     ": the server passes each packet on, a client to a client"))
+                timeline.say("%s pings the server (%s)" % (side, address) if to == "server" else
+                             "%s pings %s (%s): the server passes each packet on, a client to a client"
+                             % (side, to, address))
             running["ping"] = pinger = timeline.launch("ping", ns[side], calling("demo_ping(%r, %d, %g)" % (
                 address, count, args.loss)))
             timeline.pump(lambda: pinger.poll() is not None)  # noqa: B023 (this pinger, waited for here)
@@ -2232,7 +2235,7 @@ def demo(args):
             if name in ip_command("netns", "list"):
                 remove_namespace(name)
         timeline.say("removed %s namespaces and everything in them" % (
-            "both" if len(sides) == 2 else "all " + DEMO_COUNT[len(sides)]))
+            "both" if len(ns) == 2 else "all " + DEMO_COUNT[len(ns)]))
         timeline.flush()
     if interrupted and not args.keep:
         return 1
@@ -2240,8 +2243,8 @@ def demo(args):
         timeline.say("the replies that came back are what the lossy cable leaves: the tunnel works" if crossed
                      else "FAILED: fewer replies came back than the lossy cable explains")
     else:
-        timeline.say("all %d echo requests crossed the tunnel and their replies came back" % (count * len(pings))
-                     if crossed else "FAILED: not every echo request came back through the tunnel")
+        timeline.say("all %d echo requests crossed the tunnel and their replies came back" % (count * len(
+            pings)) if crossed else "FAILED: not every echo request came back through the tunnel")
     timeline.flush()
     return 0 if crossed else 1
 
@@ -2262,7 +2265,8 @@ def build_demo_hosts(ns):
         ifname, addresses = ("lan0", DEMO_LAN) if side == "lan" else ("veth0", DEMO_UNDERLAY)
         here = side if bridged else ifname  # the server's end of the cable
         if side != "server":
-            ip_command("-n", server, "link", "add", here, "type", "veth", "peer", "name", ifname, "netns", ns[side])
+            ip_command("-n", server, "link", "add", here, "type", "veth", "peer", "name", ifname,
+                       "netns", ns[side])
             ip_command("-n", ns[side], "addr", "add", addresses[side], "dev", ifname)
             ip_command("-n", ns[side], "link", "set", ifname, "up")
             ip_command("-n", server, *(("link", "set", here, "master", "br0") if bridged else
@@ -2458,8 +2462,8 @@ def parse_args(argv=None):
                          "--key, --two-writes, --lan, --keep, --loss, --delay, --bench and --clients")
         if args.clients > len(DEMO_CLASS) or args.clients > 1 and any(getattr(args, flag) for flag in (
                 "offload", "two_writes", "lan", "loss", "delay", "bench")):
-            parser.error("--demo --clients N shows a class of 2 or 3 clients, tun or tap (-a), over TCP, --tls "
-                         "or --udp (--key), --keep: not with --offload, --two-writes, --lan, --loss, --delay, --bench")
+            parser.error("--demo --clients N shows a class of 2 or 3 clients: not with --offload, "
+                         "--two-writes, --lan, --loss, --delay or --bench")
         return args
     for flag in ("keep", "lan", "loss", "delay", "bench"):
         if getattr(args, flag):

@@ -1251,7 +1251,7 @@ def test_demo_without_root_says_what_it_needs():
 @pytest.mark.parametrize("args, reason", [
     (["--demo", "-s"], "--demo sets up both ends itself"),
     (["--demo", "--clients", "4"], "--demo --clients N shows a class of 2 or 3 clients"),
-    (["--demo", "--clients", "3", "--bench"], "not with --offload, --two-writes, --lan, --loss, --delay, --bench"),
+    (["--demo", "--clients", "3", "--bench"], "not with --offload, --two-writes, --lan, --loss, --delay or --bench"),
     (["--demo", "--clients", "2", "--offload"], "not with --offload"),
     (["-i", "tun0", "-s", "--addr", "10.0.0.1"], "not an address/prefix such as 10.0.0.1/24 or fd00::1/64"),
     (["-i", "tun0", "-s", "--addr", "fd00::g/64"], "not an address/prefix"),
