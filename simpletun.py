@@ -523,8 +523,7 @@ class ExtraLink(Link):
 
 
 class TwoWritesLink(ExtraLink):
-    """--two-writes: send as the C original does, to see what it costs: Nagle on, and each frame in two
-    sends. The length goes at once; Nagle holds the packet until the peer's (delayed) ACK of it."""
+    """--two-writes: send as the C original does (Nagle on, length and packet apart), to see its stall."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -675,13 +674,10 @@ def tls_goodbye(sock):
 
 
 # ---- 3. Who gets the server's one client slot: WaitingRoom ----------------------------------
-#      serve()'s selector and next_client. Every connection is accepted at once, even while a
-#      client is served, and waits with a deadline until it proves it is a tunnel end: --tls by a
-#      handshake with the pinned certificate (the newest proven takes the slot: a restarted client
-#      is back at once); plaintext by a first frame that is a plausible packet for the mode (the
-#      client served keeps the slot); --offload by its greeting (section 6). A full room resets
-#      its longest waiting newcomer, so a flood cannot keep a real client out; nothing a newcomer
-#      does costs more than its connection; under a flood, refusals are counted, not printed.
+#      serve()'s selector and next_client. Every connection waits, with a deadline, until it proves
+#      it is a tunnel end: --tls by the pinned certificate (the newest proven takes the slot),
+#      plaintext by a plausible first packet (the client served keeps it), --offload by its greeting.
+#      A full room resets its longest waiting; under a flood, refusals are counted, not printed.
 
 MAX_NEWCOMERS = 32  # connections waiting to prove themselves at once; the oldest leaves for a new one
 MAX_CLOSING = 64  # connections we are saying goodbye to at once
@@ -706,8 +702,7 @@ def plain_address(address):
 
 
 class WaitingRoom(selectors.DefaultSelector):
-    """The server's selector: the listener, the newcomers and the connections being closed, with
-    their deadlines, besides what relay() registers (the device and the served link)."""
+    """The server's selector: the listener, newcomers and closing connections, each with its deadline."""
 
     def __init__(self, listener, tunnel, args, tls=None):
         super().__init__()
@@ -737,8 +732,7 @@ class WaitingRoom(selectors.DefaultSelector):
         return super().select(max(0, min(deadlines) - now) if deadlines else None)
 
     def deadline_of(self, newcomer):
-        """A handshake or a greeting has its own deadline; a silent plaintext newcomer has one only
-        while another client is served."""
+        """A handshake's or greeting's deadline; a silent plaintext newcomer's while a client is served."""
         if newcomer.deadline is not None:
             return newcomer.deadline
         return newcomer.arrived + PROOF_TIMEOUT if self.active else None
@@ -1007,8 +1001,7 @@ MIN_MTU, MAX_MTU, MAX_TAP_MTU = 68, 65535, 65535 - 14
 
 
 def configure_device(name, interface=None, mtu=None):
-    """Set the device's MTU, give it an address and prefix (an ipaddress.IPv4Interface or IPv6Interface)
-    and bring it up. Without an address the device keeps its addresses and its up/down state."""
+    """Set the device's MTU; given an address/prefix (ipaddress), give it to the device and bring it up."""
     if interface:  # IPv6: usable at once (the peer's address is another: no duplicate to detect first)
         no_wait = ["nodad"] if interface.version == 6 else []
         ip_command("addr", "replace", str(interface), "dev", name, *no_wait)
@@ -1041,10 +1034,9 @@ def ip_command(*args):
 
 
 # ---- 5. What a line is about (-dd, -ddd) and when it happened (the demo): Lines -------------
-#      A logging handler, the seam the tunnel's -d lines offer: every line is one write; -dd adds
-#      what each packet is (the tunnel's packet lines carry the packet) and what each receive
-#      brought; -ddd the frame's first bytes as they go on the wire. The demo's ends stamp each
-#      line with when it happened. A refusal that repeats within a second is counted, not printed.
+#      A logging handler, the seam the tunnel's -d lines offer: one write per line; -dd adds what each
+#      packet is and what each receive brought, -ddd the frame's first bytes on the wire; the demo's
+#      ends stamp each line with when it happened; a refusal repeated within a second is counted.
 
 ETHERNET = struct.Struct("!6s6sH")  # destination MAC, source MAC, EtherType
 ARP = struct.Struct("!HHBBH6s4s6s4s")  # hardware/protocol types and sizes, op, sender/target MAC and IP
@@ -1271,12 +1263,10 @@ def describe_transport(protocol, payload, icmp_types):
 
 
 # ---- 6. Segmentation offload (--offload): set_offload(), the greeting, describe_offloaded() ---
-#      Attaches through tun_alloc's flags (IFF_VNET_HDR), the Tunnel's read size and the Link's frame
-#      header and buffer size. Each packet costs a device read or write and the inner TCP's work, so:
-#      fewer, bigger packets. The kernel hands a TCP stream to the device as super-packets of up to
-#      64 KiB, each behind a 10-byte virtio_net_hdr saying how to cut it into segments (checksums
-#      unfinished: the outer TCP, or TLS, guards it); the peer writes both unchanged. Frames carry a
-#      4-byte length; each end's first frame, in the default format, is GREETING: a mismatch is named.
+#      Through tun_alloc's flags (IFF_VNET_HDR), the Tunnel's read size, the Link's header and buffer:
+#      fewer, bigger packets. The kernel hands over super-packets of up to 64 KiB behind a virtio_net_hdr
+#      saying how to cut them (checksums unfinished: the outer TCP or TLS guards them); the peer writes
+#      both unchanged. Frames carry a 4-byte length; each end first sends GREETING: a mismatch is named.
 
 IFF_VNET_HDR = 0x4000  # each read/write starts with a struct virtio_net_hdr
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int): which offloads the device may hand us
@@ -1346,14 +1336,11 @@ def describe_offloaded(packet, tap):
 
 
 # ---- 7. One packet per datagram (--udp, --key): DatagramLink, udp_socket(), UdpClock -------
-#      A Link that relay() drives as it is: each packet one datagram, and no TCP over TCP. Runs of
-#      equal-size packets go in one system call (UDP_SEGMENT) and come in one (UDP_GRO); on the wire
-#      each packet is still one datagram. Without --key the peer may be any program that sends one
-#      packet per datagram (the VPN lab's relays write every datagram to their device): it is sent
-#      packets only, and the server serves the first plausible sender until it has been silent
-#      UDP_SILENCE s. With --key each datagram carries a number and a keyed MAC (BLAKE2b) of it and
-#      the packet: only key holders are served, the newest at once, nothing is replayed, and both
-#      ends say "still here" every UDP_HEARTBEAT s. Packets still cross in clear.
+#      A Link relay() drives as it is: each packet one datagram (no TCP over TCP), runs of them in one
+#      system call (UDP_SEGMENT, UDP_GRO). Without --key the peer may be any program that sends one packet
+#      per datagram (the VPN lab's relays): it is sent packets only. With --key each datagram carries a
+#      number and a keyed MAC (BLAKE2b): only key holders are served, nothing is replayed, both ends say
+#      "still here" every UDP_HEARTBEAT s. Packets still cross in clear. The server: DatagramServer (8).
 
 UDP_SILENCE = 3  # seconds: a silent client may lose its slot; a client that hears nothing says so
 UDP_HEARTBEAT = 1  # --key: seconds an end may send nothing before it says "still here"
@@ -1606,8 +1593,8 @@ def udp_address(address):
 
 
 def udp_socket(args, key=None):
-    """--udp: the server's socket, bound to the port; or the client's, connected to the server (so
-    the kernel hands it only the server's datagrams, and ICMP errors). Return its DatagramLink."""
+    """--udp: the server's bound socket, or the client's connected one (the kernel hands it only the server's
+    datagrams, and ICMP errors), in its link."""
     try:
         if args.client:
             family, _, _, _, address = socket.getaddrinfo(args.client, args.port, type=socket.SOCK_DGRAM)[0]
@@ -1645,12 +1632,11 @@ def udp_socket(args, key=None):
 
 
 # ---- 8. A class on one server (--clients N): Switch, packet_ends() ---------------------------
-#      relay() runs once, with a Switch as its link: its send_queued() gives what the device hands
-#      over to the client that owns each destination (tap: broadcast, multicast, unknown: to all).
-#      Each client is an ExtraLink the waiting room admits, with a handler of its own; its packets must
-#      come from addresses it owns (learnt from what it sent: first come, first served), and go to the
-#      device or straight to the client they are for. A client that stops reading loses its own packets.
-#      Over --udp, the DatagramServer (section 7's server, one slot or more) is relay()'s link.
+#      relay() runs once, its link a Switch (TCP) or a DatagramServer (--udp, one slot or more): the
+#      device's packets go to the client that owns their destination (tap: broadcast, unknown: to all).
+#      A client sends from the addresses it owns (first come, first served), to the device or straight
+#      to another client. Over TCP each is an ExtraLink the room admits; one that stops reading loses
+#      its own packets.
 
 MAX_OWNED = 16  # addresses one client may own: a tunnel address or two, IPv6's, a bridge's MACs
 RECONNECT_EVERY = 3  # seconds between a --reconnect client's tries
@@ -1790,11 +1776,9 @@ class Switch(Link):
 
 
 class DatagramServer(DatagramLink):
-    """--udp, server: the one socket, relay()'s link. Each sender that holds a slot is a DatagramLink of
-    its own on this socket (its replay window, its silence), a client of the Switch, which sorts the
-    packets out (one slot: all are the one client's). A newcomer takes a free slot, or the slot and
-    addresses of a client silent UDP_SILENCE s (restarted, or gone; --key and one slot: at once, the
-    newest key holder wins); with --key, never by replaying a client's datagrams."""
+    """--udp, server: relay()'s link, its one socket shared by the clients, each a DatagramLink of the Switch
+    (one slot: all packets are the one client's). A newcomer takes a free slot or a silent client's (see
+    keeps_place()); with --key, never by replaying a client's datagrams."""
 
     def __init__(self, sock, tap, key, batches, slots, debug):
         super().__init__(sock, "", tap, None, key, batches)
@@ -2007,9 +1991,8 @@ class Timeline:
 
 
 def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=lambda text: None):
-    """Send ICMP echo requests to `address`; return the round trip times (None: no reply); `say` prints
-    a line for each. What ping does (the demo cannot count on it), with the kernel's ping socket, which
-    build_demo_hosts() allows: it fills in the checksum, and hands over our replies only."""
+    """ping (a fresh machine may lack it), with the kernel's ping socket (it fills in the checksum and hands
+    over our replies only): the round trip times, None for no reply; `say` prints a line for each."""
     times = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP) as sock:
         for sequence in range(1, count + 1):
@@ -2073,8 +2056,7 @@ def remove_namespace(name):
 
 
 def lossy_cable_method(loss, delay):
-    """How this machine can make the demo's cable lose or delay packets: 'netem' or 'nft'; a UserError
-    naming what is missing if it cannot. Decided before anything is built."""
+    """'netem' or 'nft': how the demo's cable will lose or delay packets (else a UserError, up front)."""
     if shutil.which("tc") and (os.path.isdir("/sys/module/sch_netem") or shutil.which("modprobe") and
                                subprocess.run(["modprobe", "-q", "sch_netem"],
                                               stderr=subprocess.DEVNULL).returncode == 0):
@@ -2089,9 +2071,8 @@ def lossy_cable_method(loss, delay):
 
 
 def make_cable_lossy(namespaces, method, loss, delay):
-    """Make every packet on the demo's cable, each way, be lost with probability loss % (and delayed
-    by delay ms, netem only). nft drops it as it arrives: dropped as it leaves, the sender would be
-    told at once (EPERM), which a lossy cable never does."""
+    """Lose each packet on the demo's cable with probability loss % (netem: delay it delay ms); nft drops it
+    as it arrives (dropped as it leaves, the sender would be told at once: EPERM, which no cable does)."""
     for namespace in namespaces:
         inside = ("netns", "exec", namespace)  # ip netns exec NAMESPACE COMMAND...
         # one packet on the cable, one segment: with GSO a "packet" may be a 64 KiB super-packet,
@@ -2250,9 +2231,8 @@ def demo(args):
 
 
 def build_demo_hosts(ns):
-    """The demo's hosts: a namespace each, a veth pair from each client to the server (a class: the
-    server's ends on a bridge, br0, as a switch joins a LAN), addressed and up; with --lan, one more
-    behind the server, on a veth pair of its own, with the server as its way out (forwarding on)."""
+    """The demo's hosts: namespaces, a veth pair from each client to the server (a class: on a bridge, br0,
+    as a switch makes a LAN); --lan: one more behind the server, which forwards (its way out)."""
     for name in ns.values():  # each host: its loopback up, and ping sockets for root's group (ping())
         ip_command("netns", "add", name)
         ip_command("-n", name, "link", "set", "lo", "up")
@@ -2395,14 +2375,7 @@ def parse_args(argv=None):
     parser = make_parser(required=False, debug_help="log every packet, as the original did; -dd also says "
                          "what each packet is and what each receive brought; -ddd also shows each frame's "
                          "first bytes on the wire")
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (
-        "examples:\n"
-        "  sudo ./simpletun.py --demo                                 the whole tunnel on this machine\n"
-        "  sudo ./simpletun.py --demo --keep                          ... and keep it up to explore\n"
-        "  sudo ./simpletun.py --demo --bench                         what does the tunnel cost?\n"
-        "  sudo ./simpletun.py -i tun0 -s --addr 10.0.0.1/24          on host A\n"
-        "  sudo ./simpletun.py -i tun0 -c HOST_A --addr 10.0.0.2/24   on host B, then: ping 10.0.0.1")
+    parser.epilog = "examples, labs and what each line means: README.md"
     parser.add_argument("--addr", metavar="CIDR", type=ip_interface, help="give the device this address/"
                         "prefix (IPv4 or IPv6, e.g. 10.0.0.1/24 or fd00::1/64) and bring it up")
     parser.add_argument("--mtu", metavar="N", type=number_between(MIN_MTU, MAX_MTU, "an MTU"),
@@ -2419,19 +2392,16 @@ def parse_args(argv=None):
     parser.add_argument("--udp", action="store_true", help="carry each packet as one UDP datagram (no TCP "
                         "over TCP); both ends need it, and a C simpletun peer has no such mode")
     parser.add_argument("--key", metavar="FILE", help="with --udp: sign every datagram with the secret in "
-                        "FILE (both ends hold the same; make one: head -c 32 /dev/urandom > FILE): only a "
-                        "key holder is served, nothing is replayed; packets still cross in clear")
+                        "FILE, the same at both ends: only key holders are served; packets cross in clear")
     parser.add_argument("--two-writes", action="store_true", help="send as the C original does, to see its "
                         "40 ms stall: length and packet in two sends, Nagle on (still wire-compatible)")
     parser.add_argument("--offload", action="store_true", help="let the kernel hand over 64 KiB super-"
                         "packets (TSO/GSO): several times the throughput; both ends need it (not a C peer)")
     demo = parser.add_argument_group("the one-machine demo")
     demo.add_argument("--demo", action="store_true",
-                      help="show the whole tunnel on this machine: two network namespaces, a server, "
-                           "a client and pings through the tunnel, then clean up (root; with -a: tap; "
-                           "-d/-ddd, --tls FILE, --offload, --udp, --key FILE, --two-writes go to both ends)")
-    demo.add_argument("--keep", action="store_true", help="keep the demo's hosts and tunnel up until Ctrl-C "
-                      "(quiet unless -d/-dd is given)")
+                      help="show the whole tunnel on this machine: namespaces, a server, a client and pings "
+                           "through it, then clean up (root; -a, -d, --tls, --udp... go to every end)")
+    demo.add_argument("--keep", action="store_true", help="keep the demo up until Ctrl-C (quiet unless -d)")
     demo.add_argument("--lan", action="store_true", help="add a third host on a LAN behind the server, and "
                       "ping it from the client through the tunnel")
     demo.add_argument("--loss", metavar="PCT", type=number_between(0, 100, "a percentage", float), default=0,
@@ -2503,8 +2473,7 @@ def client_link(sock, host, args, tls):
 
 
 def run_client_again(tunnel, host, port, make_link):
-    """--reconnect: run_client(), and when the server goes away, keep the device (and its address) and
-    try again every RECONNECT_EVERY s until it is back; one line per outage. Ctrl-C ends it."""
+    """--reconnect: run_client() again every RECONNECT_EVERY s, device and address kept; a line per outage."""
     away = False
     while True:
         try:
