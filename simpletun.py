@@ -716,7 +716,7 @@ class WaitingRoom(selectors.DefaultSelector):
         self.refused = collections.Counter()  # refusals by kind since the last report
         self.said, self.unsaid = set(), 0  # reasons named since the last report; refusals not named
         self.report_at = None
-        self.switch = Switch(self, args.clients, args.tap, args.debug) if args.clients > 1 else None
+        self.switch = Switch(self, args.clients) if args.clients > 1 else None  # --clients: a class
         listener.setblocking(False)
         self.register(listener, selectors.EVENT_READ, self.accept)
 
@@ -1338,9 +1338,10 @@ def describe_offloaded(packet, tap):
 # ---- 7. One packet per datagram (--udp, --key): DatagramLink, udp_socket(), UdpClock -------
 #      A Link relay() drives as it is: each packet one datagram (no TCP over TCP), runs of them in one
 #      system call (UDP_SEGMENT, UDP_GRO). Without --key the peer may be any program that sends one packet
-#      per datagram (the VPN lab's relays): it is sent packets only. With --key each datagram carries a
-#      number and a keyed MAC (BLAKE2b): only key holders are served, nothing is replayed, both ends say
-#      "still here" every UDP_HEARTBEAT s. Packets still cross in clear. The server: DatagramServer (8).
+#      per datagram (the VPN lab's relays): it is sent packets only, and a server serves the first
+#      plausible sender until it has been silent UDP_SILENCE s. With --key each datagram carries a number
+#      and a keyed MAC (BLAKE2b): only key holders are served, the newest at once, nothing is replayed,
+#      and both ends say "still here" every UDP_HEARTBEAT s. Packets still cross in clear.
 
 UDP_SILENCE = 3  # seconds: a silent client may lose its slot; a client that hears nothing says so
 UDP_HEARTBEAT = 1  # --key: seconds an end may send nothing before it says "still here"
@@ -1355,7 +1356,6 @@ NUMBER = struct.Struct("!Q")  # --key: each datagram's number, before the packet
 TAG_SIZE = 16  # --key: the keyed BLAKE2b tag after the packet, over the number and the packet
 KEY_OVERHEAD = NUMBER.size + TAG_SIZE
 REPLAY_WINDOW, REPLAY_BITS = 64, (1 << 64) - 1  # --key: how late a datagram may come (as IPsec's), its bits
-NO_TAG = "no valid --key tag: it runs with another key, or without --key (or it replays old datagrams)"
 
 
 def read_key(path):
@@ -1375,7 +1375,7 @@ def read_key(path):
 
 
 class DatagramLink(Link):
-    """A Link over UDP: each packet one datagram, to and from one peer (a server's are DatagramServer's)."""
+    """A Link over UDP: each packet one datagram. A server's (peer None) learns its client."""
 
     def __init__(self, sock, address, tap, peer=None, key=None, batches=False):
         super().__init__(sock, address)
@@ -1384,7 +1384,6 @@ class DatagramLink(Link):
         self.unbatched = MAX_PACKET + 1  # packets this big or bigger are sent one per call (see send_queued)
         self.heard_at = self.sent_at = 0  # when the peer last sent a datagram; when we last did
         self.unanswered = None  # client: since when what we sent has had no answer
-        self.hello, self.hello_at = None, 0  # client, --addr: how it says where it is (announce()), and when
         self.told = set()  # what was said once: "no client", "unanswered", "silent", "malformed"
         # senders named (MAX_STRANGERS at most); datagrams dropped, packets not sent, packets not whole
         self.strangers, self.dropped, self.unsent, self.malformed = set(), 0, 0, 0
@@ -1397,9 +1396,16 @@ class DatagramLink(Link):
         self.sealer, self.opener = (key and hashlib.blake2b(key=key, digest_size=TAG_SIZE, person=person)
                                     for person in (ours + b" to " + theirs, theirs + b" to " + ours))
 
+    def filter(self, record):
+        """A server with no client yet: no "Written ... to the network" line for a packet going nowhere."""
+        return self.peer is not None or not record.msg.endswith("to the network")
+
     def send_queued(self):
-        """Send each queued packet as one datagram, a run of one size per call."""
-        start = 0
+        """Send each queued packet as one datagram, a run of one size per call (no peer yet: drop them)."""
+        if self.peer is None:
+            say_once(self.told, "no client", "SERVER: no client yet: what the device hands over is dropped "
+                     "until one sends")
+        start = 0 if self.peer else len(self.out)
         with memoryview(self.out) as out:
             while start < len(out):
                 run, end = self.next_run(out, start)
@@ -1419,7 +1425,7 @@ class DatagramLink(Link):
                                     self.address, err.strerror)
                 start = end
             run = None  # (views of the queue: they must go before the queue can change)
-        if start:
+        if start and self.peer:
             self.sent_at = time.monotonic()
             self.unanswered = self.unanswered or self.sent_at  # (until something comes back)
         del self.out[:start]
@@ -1483,10 +1489,13 @@ class DatagramLink(Link):
         return self.packets
 
     def admitted(self, sender, datagram, now):
-        """The packet in a datagram from our peer (empty: "still here"); None if it is no packet for us."""
+        """The packet a datagram carries if it is from our peer (empty: "still here"), else None."""
         packet = self.opened(datagram) if self.key else datagram
         if packet is None:
-            return self.drop(sender, NO_TAG)
+            return self.drop(sender, "no valid --key tag: it runs with another key, or without --key "
+                                     "(or it replays old datagrams)")
+        if sender != self.peer and not self.takes(sender, packet, now):
+            return None
         self.heard_at = now
         if self.unanswered is not None:  # an answer: a silence is over
             self.unanswered = None
@@ -1499,30 +1508,45 @@ class DatagramLink(Link):
             return None
         return packet
 
+    def takes(self, sender, packet, now):
+        """Server: True if a new sender becomes our peer. Without --key, a plausible packet's sender while
+        we have none or our client has been silent UDP_SILENCE s; with --key, the newest key holder."""
+        if not self.key:
+            if not packet:  # a --key end's heartbeat, or noise: nothing to write
+                return False
+            inner = packet[NUMBER.size:-TAG_SIZE]  # what a --key end's datagram carries
+            if len(packet) == KEY_OVERHEAD or not self.tap and inner and looks_like_ip(inner, len(inner)):
+                why = "it runs with --key, this end without: give both ends the same --key FILE"
+            else:
+                why = packet_mismatch(packet, len(packet), self.tap)
+            if not why and self.peer and now - self.heard_at < UDP_SILENCE:
+                why = "it sent a packet, but %s is being served" % self.address
+            if why:
+                return self.drop(sender, why)
+        log.warning("SERVER: serving %s%s", udp_address(sender), "" if self.peer is None else
+                    " (%s was silent for %d s)" % (self.address, now - self.heard_at) if not self.key else
+                    " (it holds the key; %s no longer has the slot)" % self.address)
+        self.peer, self.address = sender, udp_address(sender)
+        return True
+
     def opened(self, datagram):
         """--key: the packet inside a datagram whose tag is right and whose number is new, else None."""
-        packet = self.tagged(datagram)
-        if packet is None:
-            return None
-        (number,) = NUMBER.unpack_from(datagram)
-        age = self.newest - number
-        if age < 0:  # the newest yet: the window moves on
-            self.seen = (self.seen << -age | 1) & REPLAY_BITS if -age < REPLAY_WINDOW else 1
-            self.newest = number
-        elif age >= REPLAY_WINDOW or self.seen >> age & 1:
-            return None  # too old to tell, or taken before: a replay
-        else:
-            self.seen |= 1 << age
-        return packet
-
-    def tagged(self, datagram):
-        """--key: the packet inside a datagram whose tag is right, else None."""
         if len(datagram) < KEY_OVERHEAD:
             return None
         tag = self.opener.copy()
         tag.update(datagram[:-TAG_SIZE])
-        return datagram[NUMBER.size:-TAG_SIZE] if hmac.compare_digest(tag.digest(), datagram[-TAG_SIZE:]) \
-            else None
+        if not hmac.compare_digest(tag.digest(), datagram[-TAG_SIZE:]):
+            return None
+        (number,) = NUMBER.unpack_from(datagram)
+        if number > self.newest:  # the newest yet: the window moves on
+            shift = number - self.newest
+            self.seen = (self.seen << shift | 1) & REPLAY_BITS if shift < REPLAY_WINDOW else 1
+            self.newest = number
+        elif self.newest - number >= REPLAY_WINDOW or self.seen >> (self.newest - number) & 1:
+            return None  # too old to tell, or taken before: a replay
+        else:
+            self.seen |= 1 << (self.newest - number)
+        return datagram[NUMBER.size:-TAG_SIZE]
 
     def drop(self, sender, why):
         """Drop a datagram that is not our peer's: count it, name its sender once (MAX_STRANGERS at most)."""
@@ -1543,12 +1567,9 @@ class DatagramLink(Link):
             if now - self.unanswered < UDP_SILENCE:
                 return min(due, self.unanswered + UDP_SILENCE - now)
             say_once(self.told, "silent", "CLIENT: nothing has come back from %s for %g s: does the server "
-                     "run with --udp, in this mode (%s)%s, and a free slot? Its log says which (or nothing "
-                     "inside the tunnel answers)", self.address, UDP_SILENCE, "-a" if self.tap else "-u",
+                     "run with --udp, in this mode (%s)%s? Its log says which (or nothing inside the tunnel "
+                     "answers)", self.address, UDP_SILENCE, "-a" if self.tap else "-u",
                      ", with the same --key" if self.key else ", without --key")
-            if self.hello and now - self.hello_at >= UDP_SILENCE:  # (a class's server may have missed it)
-                self.hello_at = now
-                self.hello()
         return due
 
     def say_unanswered(self):
@@ -1566,6 +1587,7 @@ class DatagramLink(Link):
         for count, what in ((self.unsent, "could not be sent"), (self.malformed, "were no whole packets")):
             if count:
                 log.warning("%d packet(s) %s", count, what)
+        log.removeFilter(self)
         super().close()
 
 
@@ -1624,19 +1646,18 @@ def udp_socket(args, key=None):
     except OSError:
         batches = False
         log.debug("this kernel cannot hand over runs of datagrams (UDP_GRO, Linux 5.0): one per call")
-    if args.client:
-        return DatagramLink(sock, args.client, args.tap, sock.getpeername(), key, batches)
-    server = DatagramServer(sock, args.tap, key, batches, args.clients, args.debug)
-    log.addFilter(server)  # until close(): see filter()
-    return server
+    link = DatagramLink(sock, args.client or "", args.tap, sock.getpeername() if args.client else None,
+                        key, batches)
+    if not args.client:
+        log.addFilter(link)  # until close(): see filter()
+    return link
 
 
 # ---- 8. A class on one server (--clients N): Switch, packet_ends() ---------------------------
-#      relay() runs once, its link a Switch (TCP) or a DatagramServer (--udp, one slot or more): the
-#      device's packets go to the client that owns their destination (tap: broadcast, unknown: to all).
-#      A client sends from the addresses it owns (first come, first served), to the device or straight
-#      to another client. Over TCP each is an ExtraLink the room admits; one that stops reading loses
-#      its own packets.
+#      relay() runs once, its link a Switch: the device's packets go to the client that owns their
+#      destination (tap: broadcast, unknown: to all). Each client is an ExtraLink the room admits, with a
+#      handler of its own; it sends from the addresses it owns (first come, first served), to the device
+#      or straight to another client. A client that stops reading loses its own packets.
 
 MAX_OWNED = 16  # addresses one client may own: a tunnel address or two, IPv6's, a bridge's MACs
 RECONNECT_EVERY = 3  # seconds between a --reconnect client's tries
@@ -1655,10 +1676,10 @@ def packet_ends(packet, tap):
 class Switch(Link):
     """relay()'s link for a class: a queue that send_queued() sorts out to the clients."""
 
-    def __init__(self, room, slots, tap, debug):
+    def __init__(self, room, slots):
         self.pair = socket.socketpair()  # relay() watches the link's socket: this one never speaks
         super().__init__(self.pair[0], "the class")
-        self.room, self.slots, self.tap, self.debug = room, slots, tap, debug  # room: None over UDP
+        self.room, self.slots, self.tap, self.debug = room, slots, room.tap, room.debug
         self.clients, self.owners = [], {}  # the clients; address -> the client that sent from it first
         self.said = set()  # what was said once: (client, address) for a spoof, (client,) for a stall
         self.given = set()  # the clients given frames in this wake-up: each gets them in one send
@@ -1668,10 +1689,9 @@ class Switch(Link):
         """A client proved itself in the waiting room: it takes a slot."""
         link.switch, link.owned = self, 0
         self.clients.append(link)
-        if self.room:  # (over UDP every client shares the one socket, which relay() watches)
-            self.room.register(link.sock, selectors.EVENT_READ, lambda ready: self.client_ready(link, ready))
-        log.warning("SERVER: %s", "serving " + link.address if self.slots == 1 else
-                    "%s joined the class%s" % (link.address, self.count()))
+        self.room.register(link.sock, selectors.EVENT_READ, lambda events: self.client_ready(link, events))
+        log.warning("SERVER: %s joined the class (%d of %d slots)", link.address, len(self.clients),
+                    self.slots)
 
     def client_ready(self, link, events):
         """A client's connection can move bytes: as link_ready() (unless it left earlier in this wake-up)."""
@@ -1695,26 +1715,21 @@ class Switch(Link):
             return self.leave(link, getattr(err, "strerror", None) or err)
         if len(link.out) < OUT_LIMIT:
             self.said.discard((link,))
-        key = self.room and self.room.get_key(link.sock)
+        key = self.room.get_key(link.sock)
         watch = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.out else 0)
-        if key and key.events != watch:  # (a system call: only when it changes)
+        if key.events != watch:  # (a system call: only when it changes)
             self.room.modify(link.sock, watch, key.data)
 
     def leave(self, link, why):
         """A client has gone: its slot and its addresses are free at once."""
         self.clients.remove(link)
-        if self.room:
-            self.room.unregister(link.sock)
-            self.room.say_goodbye(link.sock, "orderly")
+        self.room.unregister(link.sock)
+        self.room.say_goodbye(link.sock, "orderly")
         for address in [a for a, owner in self.owners.items() if owner is link]:
             del self.owners[address]
         self.said = {said for said in self.said if said[0] is not link}
-        log.warning("SERVER: %s %s: %s%s", link.address, "left the class" if self.slots > 1 else
-                    "no longer has the slot", why, self.count())
-
-    def count(self):
-        """How many of a class's slots are taken, as its lines say it ("" for one slot)."""
-        return " (%d of %d slots)" % (len(self.clients), self.slots) if self.slots > 1 else ""
+        log.warning("SERVER: %s left the class: %s (%d of %d slots)", link.address, why, len(self.clients),
+                    self.slots)
 
     def send_queued(self):
         """TAP2NET: each packet the device handed over, to the client that owns its destination."""
@@ -1768,122 +1783,9 @@ class Switch(Link):
         """The server stops: goodbye to every client, and what the class passed on, in one line."""
         for link in list(self.clients):
             self.leave(link, "the server stops")
-        if self.slots > 1:
-            log.warning("SERVER: the class dropped %d packet(s) from another's address, %d for clients "
-                        "taking nothing", self.spoofed, self.lost)
+        log.warning("SERVER: the class dropped %d packet(s) from another's address, %d for clients taking "
+                    "nothing", self.spoofed, self.lost)
         self.pair[1].close()
-        super().close()
-
-
-class DatagramServer(DatagramLink):
-    """--udp, server: relay()'s link, its one socket shared by the clients, each a DatagramLink of the Switch
-    (one slot: all packets are the one client's). A newcomer takes a free slot or a silent client's (see
-    keeps_place()); with --key, never by replaying a client's datagrams."""
-
-    def __init__(self, sock, tap, key, batches, slots, debug):
-        super().__init__(sock, "", tap, None, key, batches)
-        self.switch = Switch(None, slots, tap, debug)
-        self.switch.out = self.out  # TAP2NET queues its frames here, for the Switch to sort out
-        self.links = {}  # sender -> its DatagramLink
-        self.retired = {}  # --key: an address a client left behind -> the newest number it came with
-
-    def filter(self, record):
-        """No client yet: no "Written ... to the network" line for a packet going nowhere."""
-        return bool(self.links) or not record.msg.endswith("to the network")
-
-    def send_queued(self):
-        """TAP2NET: each packet to the client that owns its destination (one slot: to the one client)."""
-        clients = self.switch.clients
-        if not clients:
-            say_once(self.told, "no client", "SERVER: no client yet: what the device hands over is dropped "
-                     "until one sends")
-        if self.switch.slots > 1 or not clients:
-            return self.switch.send_queued()
-        if len(clients[0].out) < OUT_LIMIT:  # (else it takes nothing: the packets are lost)
-            clients[0].out += self.out
-        del self.out[:]
-        clients[0].send_queued()
-
-    def receive(self):
-        """DatagramLink.receive(); then what clients sent each other goes on, one send per client."""
-        count = super().receive()
-        self.switch.flush()
-        return count
-
-    def admitted(self, sender, datagram, now):
-        """A client's packet for the device; None if it was for another client (passed on) or is none."""
-        link = self.links.get(sender) or self.newcomer(sender, datagram, now)
-        packet = link and link.admitted(sender, datagram, now)
-        if packet and (self.switch.slots == 1 or self.switch.from_client(link, packet)):  # (one: all its)
-            return packet
-        return None
-
-    def newcomer(self, sender, datagram, now):
-        """A datagram from a new sender: the DatagramLink that serves it from now on, or None."""
-        packet = self.tagged(datagram) if self.key else datagram
-        clients, slots = self.switch.clients, self.switch.slots
-        if packet is None:
-            return self.drop(sender, NO_TAG)
-        if not packet and not (self.key and slots == 1):  # an empty one (a heartbeat, or noise): from whom?
-            return None
-        source = packet_ends(packet, self.tap)[0] if packet else None
-        owner = self.switch.owners.get(source) if slots > 1 else clients[0] if clients else None
-        why = None if self.key else self.implausible(packet)
-        newest = owner.newest if owner else self.retired.get(source, 0)  # (--key: numbers only grow)
-        if self.key and NUMBER.unpack_from(datagram)[0] <= newest:
-            why = "it replays the datagrams of a client, here or gone"
-        if owner and not why:  # a client restarted, or moved, or someone sends from its address
-            why = self.keeps_place(owner, now, sender) and (
-                "it sends from %s's address, and %s is here" % (owner.address, owner.address) if slots > 1
-                else "it sent a packet, but %s is being served" % owner.address)
-        if not why and len(clients) >= slots:
-            why = self.keeps_place(min(clients, key=lambda link: link.heard_at), now, sender) and \
-                "all %d slots of the class are taken (--clients)" % slots
-        if why:
-            return self.drop(sender, why)
-        link = self.links[sender] = DatagramLink(self.sock, udp_address(sender), self.tap, None, self.key,
-                                                 self.segments > 1)
-        link.peer = sender  # (set after: a DatagramLink made with a peer is a client's)
-        self.switch.join(link)
-        return link
-
-    def implausible(self, packet):
-        """Without --key: why a new sender's packet is no packet for this end (None: it is one)."""
-        inner = packet[NUMBER.size:-TAG_SIZE]  # what a --key end's datagram carries
-        if len(packet) == KEY_OVERHEAD or not self.tap and inner and looks_like_ip(inner, len(inner)):
-            return "it runs with --key, this end without: give both ends the same --key FILE"
-        return packet_mismatch(packet, len(packet), self.tap)
-
-    def keeps_place(self, link, now, newcomer):
-        """True if a client keeps its place against a newcomer; else it leaves (silent UDP_SILENCE s, or --key
-        and one slot: the newest key holder wins), and its numbers are remembered (--key)."""
-        if now - link.heard_at < UDP_SILENCE and not (self.key and self.switch.slots == 1):
-            return True
-        for address in [a for a, owner in self.switch.owners.items() if owner is link]:
-            self.retired[address] = link.newest
-        while len(self.retired) > MAX_STRANGERS:
-            del self.retired[next(iter(self.retired))]
-        self.counts_of(self.links.pop(link.peer))
-        silent = now - link.heard_at
-        why = "silent for %d s" % silent if silent >= UDP_SILENCE else "it holds the key"
-        self.switch.leave(link, "%s, its place goes to %s" % (why, udp_address(newcomer)))
-        return False
-
-    def tick(self, now):
-        """--key: each client's heartbeat (DatagramLink.tick()); the seconds until the next."""
-        return min([UDP_SILENCE] + [link.tick(now) for link in self.switch.clients])
-
-    def counts_of(self, link):
-        """A client's counts (dropped, not sent, no whole packet) become the server's."""
-        self.dropped, self.unsent, self.malformed = (self.dropped + link.dropped, self.unsent + link.unsent,
-                                                      self.malformed + link.malformed)
-
-    def close(self):
-        """The server stops: its clients leave, then it says what they and it dropped."""
-        for link in self.links.values():
-            self.counts_of(link)
-        self.switch.close()
-        log.removeFilter(self)
         super().close()
 
 
@@ -2386,7 +2288,8 @@ def parse_args(argv=None):
                         "accepted (default: the certificate in the --tls FILE)")
     parser.add_argument("--bind", metavar="ADDR", help="server: listen on this address only (default: all)")
     parser.add_argument("--clients", metavar="N", type=number_between(1, MAX_NEWCOMERS * 32, "a class"),
-                        default=1, help="server: serve up to N clients at once, as one network (default 1)")
+                        default=1, help="server: serve up to N clients at once, as one network (default 1); "
+                        "with --demo: a class of 2 or 3 on this machine")
     parser.add_argument("--reconnect", action="store_true", help="client: when the server goes away, keep "
                         "the device and try again every %d s until it is back" % RECONNECT_EVERY)
     parser.add_argument("--udp", action="store_true", help="carry each packet as one UDP datagram (no TCP "
@@ -2431,9 +2334,9 @@ def parse_args(argv=None):
             parser.error("--demo sets up both ends itself: it takes only -a, -d, --tls, --offload, --udp, "
                          "--key, --two-writes, --lan, --keep, --loss, --delay, --bench and --clients")
         if args.clients > len(DEMO_CLASS) or args.clients > 1 and any(getattr(args, flag) for flag in (
-                "offload", "two_writes", "lan", "loss", "delay", "bench")):
-            parser.error("--demo --clients N shows a class of 2 or 3 clients: not with --offload, "
-                         "--two-writes, --lan, --loss, --delay or --bench")
+                "udp", "offload", "two_writes", "lan", "loss", "delay", "bench")):
+            parser.error("--demo --clients N shows a class of 2 or 3 clients over TCP: not with --udp, "
+                         "--offload, --two-writes, --lan, --loss, --delay or --bench")
         return args
     for flag in ("keep", "lan", "loss", "delay", "bench"):
         if getattr(args, flag):
@@ -2446,9 +2349,9 @@ def parse_args(argv=None):
                               ("reconnect", "client", args.client)):
         if getattr(args, flag) != parser.get_default(flag) and not needs:
             parser.error("--%s is for the %s (%s)" % (flag, role, "-s" if role == "server" else "-c HOST"))
-    for flag in ("offload", "two_writes"):
+    for flag in ("offload", "two_writes", "udp"):
         if args.clients > 1 and getattr(args, flag):
-            parser.error("--clients cannot go with --%s (a class is served one packet per frame)"
+            parser.error("--clients cannot go with --%s (a class is served over TCP, one packet per frame)"
                          % flag.replace("_", "-"))
     return args
 
@@ -2513,8 +2416,7 @@ def extended_end(args):
         if args.udp:  # one loop until the end: its selector keeps the link's time
             link = udp_socket(args, read_key(args.key) if args.key else None)
             if args.client and args.addr:
-                link.hello = lambda: announce(args.addr, args.iface)
-                link.hello()
+                announce(args.addr, args.iface)
             with contextlib.closing(link), UdpClock(link) as selector:
                 relay_until_closed(tunnel, link, "CLIENT" if args.client else "SERVER", selector)
                 return 1  # a datagram link has no orderly end: it ends only when it breaks

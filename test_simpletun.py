@@ -1251,8 +1251,8 @@ def test_demo_without_root_says_what_it_needs():
 @pytest.mark.parametrize("args, reason", [
     (["--demo", "-s"], "--demo sets up both ends itself"),
     (["--demo", "--clients", "4"], "--demo --clients N shows a class of 2 or 3 clients"),
-    (["--demo", "--clients", "3", "--bench"], "not with --offload, --two-writes, --lan, --loss, --delay or --bench"),
-    (["--demo", "--clients", "2", "--offload"], "not with --offload"),
+    (["--demo", "--clients", "3", "--bench"], "not with --udp, --offload, --two-writes, --lan, --loss, --delay or "),
+    (["--demo", "--clients", "2", "--udp"], "shows a class of 2 or 3 clients over TCP: not with --udp"),
     (["-i", "tun0", "-s", "--addr", "10.0.0.1"], "not an address/prefix such as 10.0.0.1/24 or fd00::1/64"),
     (["-i", "tun0", "-s", "--addr", "fd00::g/64"], "not an address/prefix"),
     (["-i", "tun0", "-s", "--addr", "10.0.0.300/24"], "not an address/prefix"),
@@ -1602,10 +1602,6 @@ class ServerRig:
             sock.close()
 
 
-SERVING_RIGS = []  # every ServerRig made: its serve() thread runs until the tests end, so its stand-in
-#                   device must stay open as long (collected, it was closed under the thread: EBADF)
-
-
 @pytest.fixture
 def server_rig(caplog):
     caplog.set_level("DEBUG", logger="simpletun")
@@ -1613,7 +1609,6 @@ def server_rig(caplog):
     yield lambda **kw: rigs.append(ServerRig(**kw)) or rigs[-1]
     for r in rigs:
         r.close()
-    SERVING_RIGS.extend(rigs)
 
 
 @pytest.mark.parametrize("first_bytes, says", [
@@ -1725,19 +1720,10 @@ def student(r, address, mac=None):
 
 def received(sock, timeout=TIMEOUT):
     """The next packet a client's connection brings, or None if none comes within `timeout` s."""
-    def exactly(size):  # (a TLS socket takes no MSG_WAITALL)
-        data = b""
-        while len(data) < size:
-            more = sock.recv(size - len(data))
-            if not more:
-                raise struct.error("the connection ended")
-            data += more
-        return data
-
     sock.settimeout(timeout)
     try:
-        (length,) = HEADER.unpack(exactly(2))
-        return exactly(length)
+        (length,) = HEADER.unpack(sock.recv(2, socket.MSG_WAITALL))
+        return sock.recv(length, socket.MSG_WAITALL)
     except (socket.timeout, struct.error):
         return None
 
@@ -1798,20 +1784,6 @@ def test_class_client_that_stops_reading_loses_its_own_packets_only(server_rig, 
             r.kernel.send(ipv4(17, b"%d" % i, src="10.0.0.1", dst="10.0.0.2"))
             assert received(a) == ipv4(17, b"%d" % i, src="10.0.0.1", dst="10.0.0.2")
     assert "SERVER: 127.0.0.1 takes nothing: packets for it are dropped, counted" in caplog.messages
-
-
-def test_class_over_tls_serves_students_holding_the_same_certificate_and_turns_away_one_too_many(
-        server_rig, certs, caplog):
-    r = server_rig(tls=simpletun.tls_context(True, certs["a"]), clients=2)
-    students = [tls_client(r, certs) for _ in range(3)]
-    for n, sock in enumerate(students[:2], 2):
-        sock.sendall(frame(ipv4(17, b"hello", src="10.0.0.%d" % n)))
-        assert r.kernel.recv(65536) == ipv4(17, b"hello", src="10.0.0.%d" % n)
-    students[2].sendall(frame(ipv4(17, b"me too", src="10.0.0.4")))
-    assert r.closed_by_server(students[2])  # the third: no slot (a newer certificate holder pushes no one out)
-    students[0].sendall(frame(ipv4(17, b"to b", src="10.0.0.2", dst="10.0.0.3")))
-    assert received(students[1]) == ipv4(17, b"to b", src="10.0.0.2", dst="10.0.0.3")  # decrypted, forwarded
-    assert any("all 2 slots of the class are taken" in m for m in caplog.messages)
 
 
 def test_class_in_tap_mode_floods_broadcasts_and_learns_macs(server_rig):
@@ -2308,12 +2280,9 @@ def test_demo_keep_stays_up_streams_the_timeline_and_cleans_up_on_sigterm(clean_
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("mode", [[], ["-a", "--udp", "--key"]])
-def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_demo, tmp_path, mode):
-    if "--key" in mode:
-        (tmp_path / "key").write_bytes(bytes(range(32)))
-        (tmp_path / "key").chmod(0o600)
-        mode = mode + [str(tmp_path / "key")]
+@pytest.mark.parametrize("mode", [[], ["-a", "--tls"]])
+def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_demo, certs, mode):
+    mode = mode + [str(certs["a"])] * ("--tls" in mode)
     result = clean_demo.run("--clients", "3", *mode, timeout=60)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
@@ -2322,15 +2291,14 @@ def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_de
         "tap0" if mode else "tun0"), out)
     assert "demo  | server: simpletun.py -i %s -dd" % ("tap0" if mode else "tun0") in out and "--clients 3" in out
     assert out.count("joined the class") == 3
-    port = r"( port \d+)?" if mode else ""
     for pinger, to, address in (("alice", "carol", "10.0.0.4"), ("bob", "alice", "10.0.0.2"),
                                 ("carol", "bob", "10.0.0.3")):
         assert "demo  | %s pings the server (10.0.0.1)" % pinger in out
         said = out.index("demo  | %s pings %s (%s): the server passes each packet on" % (pinger, to, address))
         ours = out[said:]  # what follows: the echo request, passed on by the server, the reply, passed back
-        there, back = (re.search(r"server\| CLASS: 192\.0\.2\.%s%s -> 192\.0\.2\.%s%s: \d+ bytes, forwarded by the "
-                                 r"server" % (a, port, b, port), ours) for a, b in (
-            ({"alice": 2, "bob": 3, "carol": 4}[pinger], address[-1]), (address[-1], {"alice": 2, "bob": 3, "carol": 4}[pinger])))
+        here = {"alice": "2", "bob": "3", "carol": "4"}[pinger]
+        there, back = (re.search(r"server\| CLASS: 192\.0\.2\.%s -> 192\.0\.2\.%s: \d+ bytes, forwarded by the server"
+                                 % ends, ours) for ends in ((here, address[-1]), (address[-1], here)))
         reply = ours.index("ping  | reply from %s: icmp_seq=1" % address)
         assert there and back and max(there.start(), back.start()) < reply, ours[:3000]  # (tap: ARP's, too)
     assert "all 6 echo requests crossed the tunnel and their replies came back" in out
@@ -2339,11 +2307,11 @@ def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_de
 
 @pytest.mark.netns
 def test_demo_class_kept_stays_up_and_cleans_up_on_sigterm(clean_demo):
-    demo = clean_demo.start("--clients", "2", "--udp", "--keep", start_new_session=True)
+    demo = clean_demo.start("--clients", "2", "--keep", start_new_session=True)
     try:
         out = LineReader(demo)
         out.wait_for("the tunnel stays up until Ctrl-C")
-        for wanted in (" ping 10.0.0.2 ", "tcpdump -ni br0 -X udp port 55555"):
+        for wanted in (" ping 10.0.0.2 ", "tcpdump -ni br0 -X tcp port 55555"):
             out.wait_for(wanted)
     finally:
         demo.send_signal(signal.SIGTERM)
@@ -2412,7 +2380,7 @@ def run_in_a_terminal(argv, interrupt_when, pids, timeout=60):
                 pressed = True
     os.close(terminal)
     _, status = os.waitpid(pid, 0)
-    return out.decode(errors="replace"), os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+    return out.decode(errors="replace"), os.waitstatus_to_exitcode(status)
 
 
 @pytest.mark.netns
@@ -2634,22 +2602,12 @@ def udp_ends(tap=False, key=None):
     client.connect(server.getsockname())
     kernel.settimeout(TIMEOUT)
     client.settimeout(TIMEOUT)
-    link = simpletun.DatagramServer(server, tap, key, False, 1, 0)
+    link = simpletun.DatagramLink(server, "", tap, key=key)
     try:
         yield Tunnel(device.fileno(), "tun9"), link, kernel, client
     finally:
         for sock in (device, kernel, server, client):
             sock.close()
-
-
-def served(server):
-    """The address a --udp server serves (its one client's), or None."""
-    return next(iter(server.links), None)
-
-
-def client_of(server):
-    """The DatagramLink of a --udp server's one client."""
-    return next(iter(server.links.values()))
 
 
 def until_received(tunnel, link):
@@ -2663,7 +2621,7 @@ def test_udp_each_packet_travels_as_one_datagram_without_a_length_both_ways():
         client.send(UDP_PACKET)
         until_received(tunnel, link)
         assert kernel.recv(65536) == UDP_PACKET  # the datagram, written as one packet
-        assert served(link) == client.getsockname()  # the server learnt its client
+        assert link.peer == client.getsockname()  # the server learnt its client
         kernel.send(ECHO_REQUEST)
         simpletun.tap2net(tunnel, link)
         assert client.recv(65536) == ECHO_REQUEST  # nothing in front: a datagram keeps its own length
@@ -2695,14 +2653,11 @@ def test_udp_server_drops_strangers_naming_each_once_and_takes_a_new_client_afte
         assert len(dropping) == 2, caplog.messages  # one line per stranger, not per datagram
         assert "but 127.0.0.1 port %d is being served" % client.getsockname()[1] in dropping[0]
         assert any("is not an IP packet" in m for m in dropping)
-        client_of(link).heard_at -= simpletun.UDP_SILENCE  # the client has gone quiet
+        link.heard_at -= simpletun.UDP_SILENCE  # the client has gone quiet
         stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
         until_received(tunnel, link)
-        assert kernel.recv(65536) == ECHO_REQUEST and served(link)[1] == stranger.getsockname()[1]
-        assert caplog.messages[-2:] == [
-            "SERVER: 127.0.0.1 port %d no longer has the slot: silent for 3 s, its place goes to 127.0.0.1 port %d"
-            % (client.getsockname()[1], stranger.getsockname()[1]), "SERVER: serving 127.0.0.1 port %d"
-            % stranger.getsockname()[1]]
+        assert kernel.recv(65536) == ECHO_REQUEST and link.peer[1] == stranger.getsockname()[1]
+        assert "was silent for 3 s" in caplog.messages[-1]
         link.close()
         assert "dropped 10 datagram(s) from 2 other sender(s)" in caplog.messages[-1]
 
@@ -2754,8 +2709,8 @@ def test_udp_tunnel_carries_pings_and_transfers_both_ways_and_takes_back_a_resta
     lab.tunnel("c", "-i", device, "--udp", *mode)  # a new client: a new source port
     lab.configure("c", device)
     assert tunnel_passes(lab, "c")  # once the old client has been silent for UDP_SILENCE s
-    assert re.search(r"SERVER: 192.0.2.2 port \d+ no longer has the slot: silent for [3-9] s, its place goes to "
-                     r"192.0.2.2 port \d+\nSERVER: serving 192.0.2.2 port \d+", log_of(server))
+    assert re.search(r"SERVER: serving 192.0.2.2 port \d+ \(192.0.2.2 port \d+ was silent for [3-9] s\)",
+                     log_of(server))
 
 
 UDP_FLOOD = """
@@ -2857,7 +2812,7 @@ def test_udp_key_tags_every_datagram_and_the_key_holder_is_served(caplog):
         client.out += frame(UDP_PACKET)
         client.send_queued()
         until_received(tunnel, server)
-        assert kernel.recv(65536) == UDP_PACKET and served(server) == client.sock.getsockname()
+        assert kernel.recv(65536) == UDP_PACKET and server.peer == client.sock.getsockname()
         kernel.send(ECHO_REQUEST)
         simpletun.tap2net(tunnel, server)
         datagram = client.sock.recv(65536)
@@ -2886,7 +2841,7 @@ def test_udp_key_refuses_every_datagram_without_a_valid_tag_and_names_its_sender
         time.sleep(0.1)
         assert server.receive() is None and server.dropped == 5
         assert not select.select([kernel], [], [], 0.1)[0]  # nothing written
-        assert served(server) == client.sock.getsockname()  # the client keeps its slot
+        assert server.peer == client.sock.getsockname()  # the client keeps its slot
         assert [m for m in caplog.messages if "dropping datagrams" in m] == [
             "SERVER: dropping datagrams from 127.0.0.1 port %d: %s (or it replays old datagrams) (counted, not logged "
             "again)" % (stranger.getsockname()[1], "no valid --key tag: it runs with another key, or without --key")]
@@ -2902,23 +2857,23 @@ def test_udp_key_refuses_a_replay_from_another_address_after_a_restart_and_a_ref
         assert kernel.recv(65536) == UDP_PACKET
         attacker.sendto(recorded[0], server.sock.getsockname())  # the same datagram again, from elsewhere
         time.sleep(0.05)
-        assert server.receive() is None and served(server) == client.sock.getsockname()
+        assert server.receive() is None and server.peer == client.sock.getsockname()
         # the client restarts (new numbers, new port); then every recorded datagram is replayed
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.connect(server.sock.getsockname())
             restarted = simpletun.DatagramLink(sock, "127.0.0.1", False, sock.getpeername(), KEY)
             sock.send(sealed(restarted, ECHO_REQUEST))
             until_received(tunnel, server)
-            assert kernel.recv(65536) == ECHO_REQUEST and served(server) == sock.getsockname()  # at once
+            assert kernel.recv(65536) == ECHO_REQUEST and server.peer == sock.getsockname()  # at once
             for datagram in recorded:
                 attacker.sendto(datagram, server.sock.getsockname())
             kernel.send(UDP_PACKET)  # the server sends to its client: the attacker records and reflects it
-            client_of(server).number = client_of(server).newest + 10  # (a number the window would take: only the direction refuses it)
+            server.number = server.newest + 10  # (a number the window would take: only the direction refuses it)
             simpletun.tap2net(tunnel, server)
             attacker.sendto(sock.recv(65536), server.sock.getsockname())
             time.sleep(0.05)
             assert server.receive() is None and server.dropped == 1 + 3 + 1
-            assert served(server) == sock.getsockname() and not select.select([kernel], [], [], 0.1)[0]
+            assert server.peer == sock.getsockname() and not select.select([kernel], [], [], 0.1)[0]
 
 
 def test_udp_key_a_paused_client_keeps_its_slot_against_a_strangers_packets(caplog):
@@ -2927,11 +2882,11 @@ def test_udp_key_a_paused_client_keeps_its_slot_against_a_strangers_packets(capl
         client.sock.send(sealed(client, UDP_PACKET))
         until_received(tunnel, server)
         kernel.recv(65536)
-        client_of(server).heard_at -= 10 * simpletun.UDP_SILENCE  # the client has been stopped for a long time
+        server.heard_at -= 10 * simpletun.UDP_SILENCE  # the client has been stopped for a long time
         for _ in range(3):
             stranger.sendto(ECHO_REQUEST, server.sock.getsockname())  # plausible, but with no tag
         time.sleep(0.05)
-        assert server.receive() is None and served(server) == client.sock.getsockname()
+        assert server.receive() is None and server.peer == client.sock.getsockname()
         client.sock.send(sealed(client, ECHO_REQUEST))  # back: served as before
         until_received(tunnel, server)
         assert kernel.recv(65536) == ECHO_REQUEST
@@ -2953,7 +2908,7 @@ def test_udp_key_ends_say_still_here_every_second_and_the_client_says_when_nothi
         # the server holds another key: nothing it could answer would be taken
         assert [m for m in caplog.messages if "nothing has come back" in m] == [
             "CLIENT: nothing has come back from 127.0.0.1 for 0.3 s: does the server run with --udp, in this mode "
-            "(-u), with the same --key, and a free slot? Its log says which (or nothing inside the tunnel answers)"]
+            "(-u), with the same --key? Its log says which (or nothing inside the tunnel answers)"]
 
 
 def test_udp_without_key_a_client_that_hears_nothing_back_says_so_once(caplog, monkeypatch):
@@ -2971,7 +2926,7 @@ def test_udp_without_key_a_client_that_hears_nothing_back_says_so_once(caplog, m
                 time.sleep(0.1)
                 clock.select(0.1)
             said = [m for m in caplog.messages if "nothing has come back" in m]
-            assert len(said) == 1 and "in this mode (-u), without --key, and a free slot?" in said[0]
+            assert len(said) == 1 and "in this mode (-u), without --key?" in said[0]
             server.sendto(ECHO_REQUEST, link.sock.getsockname())  # an answer: the silence is over
             select.select([link.sock], [], [], TIMEOUT)
             assert list(link.cut(link.receive())) == [ECHO_REQUEST] and link.unanswered is None
@@ -2998,157 +2953,6 @@ def test_unusable_key_file_is_one_line_and_exit_1(tmp_path, content, mode, says)
 def test_udp_key_needs_udp():
     result = run_script("-i", "tun9", "-s", "--key", "/dev/null")
     assert result.returncode == 2 and "--key is for --udp" in result.stderr
-
-
-# ---- --udp --clients N: a class over datagrams ------------------------------------------------
-
-@contextlib.contextmanager
-def udp_class(slots=3, key=None, tap=False):
-    """A --udp --clients server's link (the door) on loopback with a stand-in device, and a way to add students:
-    each a UDP socket (with a key: a --key client's DatagramLink, to seal what it sends)."""
-    with udp_ends(tap=tap) as (tunnel, plain, kernel, _):
-        door = simpletun.DatagramServer(plain.sock, tap, key, False, slots, 1)
-        students = []
-
-        def join(address=None, mac=None, first=None):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.connect(door.sock.getsockname())
-            sock.settimeout(TIMEOUT)
-            students.append(sock)
-            you = simpletun.DatagramLink(sock, "127.0.0.1", tap, sock.getpeername(), key) if key else sock
-            if address:
-                packet = ipv4(17, b"hello", src=address)
-                send(you, ethernet(0x0800, packet, dst="6e:00:00:00:00:01", src=mac) if mac else packet)
-                until_received(tunnel, door)
-                assert kernel.recv(65536)  # it reached the server's device: it is in
-            return you
-
-        try:
-            yield tunnel, door, kernel, join
-        finally:
-            for sock in students:
-                sock.close()
-
-
-def send(student, packet):
-    """A student of a --udp class sends a packet (a --key student: sealed)."""
-    if isinstance(student, socket.socket):
-        return student.send(packet)
-    return student.sock.send(sealed(student, packet))
-
-
-def heard(student, timeout=0.2):
-    """The next packet a student of a --udp class gets, or None (a --key student: opened, tag and number)."""
-    sock = student if isinstance(student, socket.socket) else student.sock
-    if not select.select([sock], [], [], timeout)[0]:
-        return None
-    datagram = sock.recv(65536)
-    return datagram if sock is student else student.opened(memoryview(datagram))
-
-
-@pytest.mark.parametrize("key", [None, KEY])
-def test_udp_class_passes_each_packet_to_its_owner_and_forwards_between_students(caplog, key):
-    caplog.set_level("DEBUG", logger="simpletun")
-    with udp_class(key=key) as (tunnel, door, kernel, join):
-        a, b = join("10.0.0.2"), join("10.0.0.3")
-        for_b = ipv4(17, b"for b", src="10.0.0.1", dst="10.0.0.3")
-        kernel.send(for_b)
-        simpletun.tap2net(tunnel, door)
-        assert heard(b, TIMEOUT) == for_b and heard(a) is None  # only b's
-        a_to_b = ipv4(17, b"from a", src="10.0.0.2", dst="10.0.0.3")
-        send(a, a_to_b)
-        until_received(tunnel, door)
-        assert heard(b, TIMEOUT) == a_to_b  # straight from a to b: the server forwards it itself
-        assert not select.select([kernel], [], [], 0.1)[0]  # the server's device never saw it
-        assert any(m.startswith("SERVER: 127.0.0.1 port ") and m.endswith("joined the class (2 of 3 slots)")
-                   for m in caplog.messages)
-        assert any(re.fullmatch(r"CLASS: 127.0.0.1 port \d+ -> 127.0.0.1 port \d+: 26 bytes, forwarded by the server",
-                                m) for m in caplog.messages)
-
-
-def test_udp_class_newcomer_from_a_present_students_address_gets_nothing_and_the_owner_keeps_working(caplog):
-    with udp_class() as (tunnel, door, kernel, join):
-        a, b = join("10.0.0.2"), join("10.0.0.3")
-        thief = join()
-        for _ in range(3):
-            send(thief, ipv4(17, b"spoofed", src="10.0.0.2"))  # a new sender claims a's address
-            send(b, ipv4(17, b"spoofed", src="10.0.0.2"))  # a student claims a's address
-        time.sleep(0.05)
-        simpletun.net2tap(tunnel, door)
-        assert not select.select([kernel], [], [], 0.1)[0] and len(door.switch.clients) == 2  # no slot for the thief
-        said = [m for m in caplog.messages if "dropping" in m]
-        assert len(said) == 2 and "it sends from 127.0.0.1 port %d's address" % a.getsockname()[1] in said[0]
-        assert "SERVER: dropping 127.0.0.1 port %d's packets from 10.0.0.2" % b.getsockname()[1] in said[1]
-        kernel.send(ipv4(17, b"for a", src="10.0.0.1", dst="10.0.0.2"))
-        simpletun.tap2net(tunnel, door)
-        assert heard(a, TIMEOUT) == ipv4(17, b"for a", src="10.0.0.1", dst="10.0.0.2")
-
-
-def test_udp_class_one_too_many_is_refused_until_a_student_falls_silent_whose_place_and_address_it_takes(caplog):
-    with udp_class(slots=2) as (tunnel, door, kernel, join):
-        a, b = join("10.0.0.2"), join("10.0.0.3")
-        late = join()
-        for _ in range(3):
-            send(late, ipv4(17, b"me too", src="10.0.0.4"))
-        time.sleep(0.05)
-        simpletun.net2tap(tunnel, door)
-        assert not select.select([kernel], [], [], 0.1)[0]
-        assert [m for m in caplog.messages if "slots" in m and "dropping" in m] == [
-            "SERVER: dropping datagrams from 127.0.0.1 port %d: all 2 slots of the class are taken (--clients) "
-            "(counted, not logged again)" % late.getsockname()[1]]
-        door.links[a.getsockname()].heard_at -= simpletun.UDP_SILENCE  # a has gone quiet (gone)
-        send(late, ipv4(17, b"a's address", src="10.0.0.2"))  # its address and its slot
-        until_received(tunnel, door)
-        assert kernel.recv(65536) == ipv4(17, b"a's address", src="10.0.0.2")
-        assert any("left the class: silent for 3 s, its place goes to 127.0.0.1 port %d (1 of 2 slots)"
-                   % late.getsockname()[1] in m for m in caplog.messages)
-        kernel.send(ipv4(17, b"for 10.0.0.2", src="10.0.0.1", dst="10.0.0.2"))
-        simpletun.tap2net(tunnel, door)
-        assert heard(late, TIMEOUT) == ipv4(17, b"for 10.0.0.2", src="10.0.0.1", dst="10.0.0.2") and heard(a) is None
-
-
-def test_udp_class_key_refuses_replays_from_elsewhere_while_the_student_is_here_and_after_it_left(caplog):
-    with udp_class(key=KEY) as (tunnel, door, kernel, join), \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
-        a = join()
-        recorded = [sealed(a, ipv4(17, b"%d" % n, src="10.0.0.2")) for n in range(3)]  # recorded on the cable
-        for datagram in recorded:
-            a.sock.send(datagram)
-        time.sleep(0.05)
-        simpletun.net2tap(tunnel, door)
-        assert [kernel.recv(65536) for _ in recorded] == [ipv4(17, b"%d" % n, src="10.0.0.2") for n in range(3)]
-        for datagram in recorded:  # replayed from elsewhere while a is here
-            attacker.sendto(datagram, door.sock.getsockname())
-        time.sleep(0.05)
-        simpletun.net2tap(tunnel, door)
-        door.links[a.sock.getsockname()].heard_at -= simpletun.UDP_SILENCE  # a has gone: its slot is free
-        b = join("10.0.0.3")  # (takes no slot of a's: there are three)
-        for datagram in recorded:  # and again, now that a is silent
-            attacker.sendto(datagram, door.sock.getsockname())
-        time.sleep(0.05)
-        simpletun.net2tap(tunnel, door)
-        assert not select.select([kernel], [], [], 0.1)[0]  # not one replay written
-        assert attacker.getsockname() not in door.links
-        restarted = join()  # a restarted (new numbers, new port): its address is its own again
-        send(restarted, ipv4(17, b"back", src="10.0.0.2"))
-        until_received(tunnel, door)
-        assert kernel.recv(65536) == ipv4(17, b"back", src="10.0.0.2") and b.sock.getsockname() in door.links
-
-
-def test_udp_class_key_beats_for_every_student_and_only_key_holders_join(caplog):
-    with udp_class(key=KEY) as (tunnel, door, kernel, join), \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
-        a, b = join("10.0.0.2"), join("10.0.0.3")
-        for _ in range(3):
-            stranger.sendto(ipv4(17, b"no key", src="10.0.0.4"), door.sock.getsockname())
-        time.sleep(0.05)
-        simpletun.net2tap(tunnel, door)
-        assert len(door.switch.clients) == 2 and door.dropped == 3
-        door.tick(time.monotonic() + simpletun.UDP_HEARTBEAT)
-        assert heard(a, TIMEOUT) == b"" and heard(b, TIMEOUT) == b""  # "still here", tagged, to each
-        door.close()
-        assert "SERVER: the class dropped 0 packet(s) from another's address, 0 for clients taking nothing" \
-            in caplog.messages
 
 
 def gro_socket():
@@ -3203,7 +3007,7 @@ def test_udp_datagram_that_is_no_whole_ip_packet_is_one_line_counted_and_not_wri
         time.sleep(0.05)
         simpletun.net2tap(tunnel, link)
         assert kernel.recv(65536) == UDP_PACKET and not select.select([kernel], [], [], 0.1)[0]
-        assert client_of(link).malformed == 3
+        assert link.malformed == 3
         assert [m for m in caplog.messages if "no whole IP packet" in m] == [
             "127.0.0.1 port %d sent a datagram that is no whole IP packet (40 bytes; its IP header says otherwise): "
             "not written; such datagrams are counted" % client.getsockname()[1]]
@@ -3243,13 +3047,12 @@ def probes(lab, side, source, destination, count=5, wait=1.0):
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("device, mode", [("tun0", []), ("tap0", ["-a"]), ("tun0", ["--udp"]), ("tap0", ["-a", "--udp"])])
+@pytest.mark.parametrize("device, mode", [("tun0", []), ("tap0", ["-a"])])
 def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_address(lab, tmp_path, device, mode):
     cables = {"c": lab.SERVER_IP, "d": lab.add_host("d", 3), "e": lab.add_host("e", 4)}
     server = lab.tunnel("s", "-i", device, "-d", "--clients", "3", "--addr", "10.9.0.1/24", *mode)
     wait_for(lambda: "listening" in log_of(server), "the server to listen")
-    udp = "--udp" in mode  # (the tunnel alone has no --udp: then all three are the full program)
-    alone = SCRIPT if udp else cut_tunnel(tmp_path / "tunnel_alone.py")  # a student's client, configured by hand
+    alone = cut_tunnel(tmp_path / "tunnel_alone.py")  # a student's client: the tunnel alone, configured by hand
     ends = {side: lab.spawn(side, [sys.executable, "-u", SCRIPT if side != "e" else alone, "-i", device, "-c",
                                    cables[side], *mode] + (["--addr", "10.9.0.%d/24" % n] if side != "e" else []),
                             "%s.log" % side) for side, n in (("c", 2), ("d", 3), ("e", 4))}
@@ -3269,12 +3072,10 @@ def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_a
         assert probes(lab, side, source, destination) == 5, (source, destination)
     text = log_of(server)
     assert text.count("joined the class") == 3 and "(3 of 3 slots)" in text
-    assert re.search(r"CLASS: 192\.0\.2\.2( port \d+)? -> 192\.0\.3\.2( port \d+)?: \d+ bytes, forwarded by the server",
-                     text), text[-3000:]
+    assert re.search(r"CLASS: 192\.0\.2\.2 -> 192\.0\.3\.2: \d+ bytes, forwarded by the server", text), text[-3000:]
     ends["d"].send_signal(signal.SIGTERM)  # d leaves; a newcomer takes its address and its slot
     assert ends["d"].wait(TIMEOUT) == 0
-    if not udp:  # (over UDP the server sees d gone once d has been silent 3 s and a newcomer wants its place)
-        wait_for(lambda: "192.0.3.2 left the class" in log_of(server), "the server to see d leave")
+    wait_for(lambda: "192.0.3.2 left the class" in log_of(server), "the server to see d leave")
     lab.spawn("d", [sys.executable, "-u", SCRIPT, "-i", device, "-c", cables["d"], "--addr", "10.9.0.3/24", *mode],
               "d-again.log")
     wait_for(lambda: "10.9.0.3/24" in lab.ip("-n", lab.ns["d"], "addr", "show", device, check=False).stdout,
@@ -3282,30 +3083,17 @@ def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_a
     if mode:  # a new tap device has a new MAC address: c's ARP cache holds d's old one for a while
         lab.ip("-n", lab.ns["c"], "neigh", "flush", "dev", device)
     wait_for(lambda: probes(lab, "c", "10.9.0.2", "10.9.0.3", 1, 0.5) == 1, "c to reach the new d")
-    assert ("left the class: silent for 3 s, its place goes to 192.0.3.2 port " in log_of(server)) == udp
-    assert ("dropping" in log_of(server)) == udp and server.poll() is None  # (UDP: the new d, until the old is gone)
-    server.send_signal(signal.SIGTERM)
-    assert server.wait(TIMEOUT) == 0
-    assert "SERVER: the class dropped 0 packet(s) from another's address, 0 for clients taking nothing" \
-        in log_of(server)
+    assert "dropping" not in log_of(server) and server.poll() is None
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("transport", [[], ["--udp"]])
-def test_class_client_beyond_the_slots_is_refused_on_both_ends_and_exits_1(lab, transport):
-    server = lab.tunnel("s", "-i", "tun0", "-d", "--clients", "2", "--addr", "10.9.0.1/24", *transport)
+def test_class_client_beyond_the_slots_is_refused_on_both_ends_and_exits_1(lab):
+    server = lab.tunnel("s", "-i", "tun0", "-d", "--clients", "2", "--addr", "10.9.0.1/24")
     wait_for(lambda: "listening" in log_of(server), "the server to listen")
     for n in (2, 3):
-        lab.tunnel("c", "-i", "tun%d" % n, "--addr", "10.9.0.%d/24" % n, *transport)
+        lab.tunnel("c", "-i", "tun%d" % n, "--addr", "10.9.0.%d/24" % n)
         wait_for(lambda: log_of(server).count("joined the class") == n - 1, "client %d to join" % n)
-    third = lab.tunnel("c", "-i", "tun4", "--addr", "10.9.0.4/24", *transport)
-    started = time.monotonic()
-    if transport:  # over UDP nothing is refused out loud: the client hears nothing back, and says what it may mean
-        wait_for(lambda: "and a free slot?" in log_of(third), "the third to say so", timeout=5)
-        assert time.monotonic() - started < 5 and third.poll() is None
-        assert re.search(r"dropping datagrams from 192.0.2.2 port \d+: all 2 slots of the class are taken \(--clients\)",
-                         log_of(server))
-        return
+    third = lab.tunnel("c", "-i", "tun4", "--addr", "10.9.0.4/24")
     lab.probe("c", count=1, wait=0.2)  # (a client proves itself with its first packet)
     assert third.wait(10) == 1
     assert "all its --clients slots are taken" in log_of(third) and len(log_of(third).splitlines()) <= 2
@@ -3382,8 +3170,7 @@ def test_udp_key_tunnel_crosses_and_a_restarted_client_is_served_within_1_s(lab,
     client.wait(TIMEOUT)
     client = lab.tunnel("c", "-i", "tun0", "--udp", "--key", key, "-d")
     wait_for(lambda: "CLIENT: Connected" in log_of(client), "the new client to start")
-    wait_for(lambda: "no longer has the slot: it holds the key, its place goes to 192.0.2.2 port" in log_of(server),
-             "the server to serve it", timeout=1)
+    wait_for(lambda: "(it holds the key; 192.0.2.2 port" in log_of(server), "the server to serve it", timeout=1)
     lab.configure("c", "tun0")
     assert lab.probe("c", count=5) == 5
     assert "dropping datagrams" not in log_of(server)
@@ -3638,7 +3425,7 @@ def test_udp_key_heartbeat_is_taken_as_still_here_and_never_written_to_the_devic
         time.sleep(0.05)
         simpletun.net2tap(tunnel, server)
         assert kernel.recv(65536) == UDP_PACKET and not select.select([kernel], [], [], 0.1)[0]
-        assert tunnel.net2tap == 1 and served(server) == client.sock.getsockname()
+        assert tunnel.net2tap == 1 and server.peer == client.sock.getsockname()
 
 
 def test_offload_client_refuses_a_first_frame_that_is_not_the_greeting():
