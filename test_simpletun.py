@@ -2681,13 +2681,13 @@ def test_udp_client_says_once_when_nothing_answers_and_goes_on(caplog):
         closed.bind(("127.0.0.1", 0))
         gone = closed.getsockname()
     args = program_args(client="127.0.0.1", port=gone[1], udp=True)
-    link = simpletun.udp_socket(args)  # says hello: ICMP port unreachable comes back
+    link = simpletun.udp_socket(args)
     with link.sock:
         for _ in range(3):
+            link.out += frame(UDP_PACKET)
+            link.send_queued()  # ICMP port unreachable comes back (to this send, or the next receive)
             select.select([link.sock], [], [], TIMEOUT)
             assert link.receive() is None
-            link.out += frame(UDP_PACKET)
-            link.send_queued()
         said = [m for m in caplog.messages if "nothing answers" in m]
         assert said == ["CLIENT: nothing answers at 127.0.0.1 port %d (ICMP port unreachable): is the server "
                         "running, with --udp? The client goes on, and its packets are lost until it is"
