@@ -1793,7 +1793,7 @@ class Switch(Link):
 #      Two network namespaces stand in for two hosts, a veth pair for the cable between them;
 #      each end is this program, run with --timestamps so that one timeline shows both.
 
-DEMO_PREFIX = "simpletun-demo-"  # namespaces are named DEMO_PREFIX + our pid + "-s" / "-c"
+DEMO_PREFIX = "simpletun-demo-"  # namespaces are named DEMO_PREFIX + our pid + "-" + the host's initial
 DEMO_CLASS = ("alice", "bob", "carol")  # --demo --clients N: the first N are the class's client hosts
 DEMO_UNDERLAY = {"server": "192.0.2.1/24", "client": "192.0.2.2/24",  # the "physical" network
                  "alice": "192.0.2.2/24", "bob": "192.0.2.3/24", "carol": "192.0.2.4/24"}
