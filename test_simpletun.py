@@ -1602,6 +1602,10 @@ class ServerRig:
             sock.close()
 
 
+SERVING_RIGS = []  # every ServerRig made: its serve() thread runs until the tests end, so its stand-in
+#                   device must stay open as long (collected, it was closed under the thread: EBADF)
+
+
 @pytest.fixture
 def server_rig(caplog):
     caplog.set_level("DEBUG", logger="simpletun")
@@ -1609,6 +1613,7 @@ def server_rig(caplog):
     yield lambda **kw: rigs.append(ServerRig(**kw)) or rigs[-1]
     for r in rigs:
         r.close()
+    SERVING_RIGS.extend(rigs)
 
 
 @pytest.mark.parametrize("first_bytes, says", [
@@ -1720,10 +1725,19 @@ def student(r, address, mac=None):
 
 def received(sock, timeout=TIMEOUT):
     """The next packet a client's connection brings, or None if none comes within `timeout` s."""
+    def exactly(size):  # (a TLS socket takes no MSG_WAITALL)
+        data = b""
+        while len(data) < size:
+            more = sock.recv(size - len(data))
+            if not more:
+                raise struct.error("the connection ended")
+            data += more
+        return data
+
     sock.settimeout(timeout)
     try:
-        (length,) = HEADER.unpack(sock.recv(2, socket.MSG_WAITALL))
-        return sock.recv(length, socket.MSG_WAITALL)
+        (length,) = HEADER.unpack(exactly(2))
+        return exactly(length)
     except (socket.timeout, struct.error):
         return None
 
@@ -1784,6 +1798,20 @@ def test_class_client_that_stops_reading_loses_its_own_packets_only(server_rig, 
             r.kernel.send(ipv4(17, b"%d" % i, src="10.0.0.1", dst="10.0.0.2"))
             assert received(a) == ipv4(17, b"%d" % i, src="10.0.0.1", dst="10.0.0.2")
     assert "SERVER: 127.0.0.1 takes nothing: packets for it are dropped, counted" in caplog.messages
+
+
+def test_class_over_tls_serves_students_holding_the_same_certificate_and_turns_away_one_too_many(
+        server_rig, certs, caplog):
+    r = server_rig(tls=simpletun.tls_context(True, certs["a"]), clients=2)
+    students = [tls_client(r, certs) for _ in range(3)]
+    for n, sock in enumerate(students[:2], 2):
+        sock.sendall(frame(ipv4(17, b"hello", src="10.0.0.%d" % n)))
+        assert r.kernel.recv(65536) == ipv4(17, b"hello", src="10.0.0.%d" % n)
+    students[2].sendall(frame(ipv4(17, b"me too", src="10.0.0.4")))
+    assert r.closed_by_server(students[2])  # the third: no slot (a newer certificate holder pushes no one out)
+    students[0].sendall(frame(ipv4(17, b"to b", src="10.0.0.2", dst="10.0.0.3")))
+    assert received(students[1]) == ipv4(17, b"to b", src="10.0.0.2", dst="10.0.0.3")  # decrypted, forwarded
+    assert any("all 2 slots of the class are taken" in m for m in caplog.messages)
 
 
 def test_class_in_tap_mode_floods_broadcasts_and_learns_macs(server_rig):
@@ -2380,7 +2408,7 @@ def run_in_a_terminal(argv, interrupt_when, pids, timeout=60):
                 pressed = True
     os.close(terminal)
     _, status = os.waitpid(pid, 0)
-    return out.decode(errors="replace"), os.waitstatus_to_exitcode(status)
+    return out.decode(errors="replace"), os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
 
 
 @pytest.mark.netns
@@ -3084,6 +3112,10 @@ def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_a
         lab.ip("-n", lab.ns["c"], "neigh", "flush", "dev", device)
     wait_for(lambda: probes(lab, "c", "10.9.0.2", "10.9.0.3", 1, 0.5) == 1, "c to reach the new d")
     assert "dropping" not in log_of(server) and server.poll() is None
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(TIMEOUT) == 0
+    assert "SERVER: the class dropped 0 packet(s) from another's address, 0 for clients taking nothing" \
+        in log_of(server)
 
 
 @pytest.mark.netns
