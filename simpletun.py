@@ -1893,8 +1893,8 @@ class Timeline:
 
 
 def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=lambda text: None):
-    """ping (a fresh machine may lack it), with the kernel's ping socket (it fills in the checksum and hands
-    over our replies only): the round trip times, None for no reply; `say` prints a line for each."""
+    """What ping does (a fresh machine may lack it), with the kernel's ping socket, which fills in the checksum
+    and hands over our replies only: the round trip times, None for no reply; `say` prints each."""
     times = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP) as sock:
         for sequence in range(1, count + 1):
@@ -2014,7 +2014,7 @@ def calling(call):
 
 
 def demo(args):
-    """--demo: build two hosts, run a server and a client, ping through the tunnel, clean up."""
+    """--demo: build the hosts, run a server and its client(s), ping through the tunnel, clean up."""
     if os.geteuid() != 0:
         raise UserError("--demo needs root, to make network namespaces: sudo ./simpletun.py --demo")
     if not shutil.which("ip"):

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import weakref
 
 import pytest
@@ -2446,6 +2447,23 @@ def test_demo_delay_needs_netem_and_says_so_where_the_kernel_has_none():
         assert "--delay needs netem" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     else:
         pytest.skip("this kernel has netem: --delay works here")
+
+
+def test_demo_bench_says_in_one_line_why_a_measurement_failed_and_goes_on(monkeypatch):
+    said = []
+    timeline = types.SimpleNamespace(say=said.append)
+    sink = types.SimpleNamespace(stdout=io.BytesIO(b"listening\n"), kill=lambda: None, wait=lambda: None)
+    monkeypatch.setattr(simpletun, "start_in", lambda namespace, command: sink)
+
+    def ip_command(*args):  # every measurement's process ends with an error
+        raise simpletun.UserError("ip %s: Traceback (most recent call last):\n  ...\nConnectionRefusedError: "
+                                  "[Errno 111] Connection refused" % " ".join(args[:3]))
+
+    monkeypatch.setattr(simpletun, "ip_command", ip_command)
+    simpletun.bench({"server": "s", "client": "c"}, timeline, "tun mode")
+    assert said[1:7] == ["bench: %s failed: ConnectionRefusedError: [Errno 111] Connection refused" % call
+                         for call in ["bench_send"] * 2 + ["bench_ping"] * 4]  # each the error it ended with
+    assert [line.split()[-1] for line in said[-3:]] == ["failed"] * 3  # each row says so, none is made up
 
 
 @pytest.mark.netns
