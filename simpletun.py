@@ -1893,8 +1893,8 @@ class Timeline:
 
 
 def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=lambda text: None):
-    """What ping does (a fresh machine may lack it), with the kernel's ping socket, which fills in the checksum
-    and hands over our replies only: the round trip times, None for no reply; `say` prints each."""
+    """What ping does (a fresh machine may lack it), with the kernel's ping socket, which fills in the
+    checksum and hands over our replies only: the round trip times, None for no reply; `say` prints each."""
     times = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP) as sock:
         for sequence in range(1, count + 1):
