@@ -2309,16 +2309,13 @@ def test_demo_keep_stays_up_streams_the_timeline_and_cleans_up_on_sigterm(clean_
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("mode", [[], ["-a", "--tls"]])
-def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_demo, certs, mode):
-    mode = mode + [str(certs["a"])] * ("--tls" in mode)
-    result = clean_demo.run("--clients", "3", *mode, timeout=60)
+def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_demo):
+    result = clean_demo.run("--clients", "3", timeout=60)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "four hosts, each a network namespace, joined by veth pairs to a bridge, br0" in out
-    assert re.search(r"demo  \|   bob    simpletun-demo-\d+-b  veth0 192.0.2.3/24  %s 10.0.0.3/24" % (
-        "tap0" if mode else "tun0"), out)
-    assert "demo  | server: simpletun.py -i %s -dd" % ("tap0" if mode else "tun0") in out and "--clients 3" in out
+    assert re.search(r"demo  \|   bob    simpletun-demo-\d+-b  veth0 192.0.2.3/24  tun0 10.0.0.3/24", out)
+    assert "demo  | server: simpletun.py -i tun0 -dd -s --addr 10.0.0.1/24 --clients 3" in out
     assert out.count("joined the class") == 3
     for pinger, to, address in (("alice", "carol", "10.0.0.4"), ("bob", "alice", "10.0.0.2"),
                                 ("carol", "bob", "10.0.0.3")):
@@ -2329,14 +2326,14 @@ def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_de
         there, back = (re.search(r"server\| CLASS: 192\.0\.2\.%s -> 192\.0\.2\.%s: \d+ bytes, forwarded by the server"
                                  % ends, ours) for ends in ((here, address[-1]), (address[-1], here)))
         reply = ours.index("ping  | reply from %s: icmp_seq=1" % address)
-        assert there and back and max(there.start(), back.start()) < reply, ours[:3000]  # (tap: ARP's, too)
+        assert there and back and max(there.start(), back.start()) < reply, ours[:3000]
     assert "all 6 echo requests crossed the tunnel and their replies came back" in out
     assert "removed all four namespaces" in out and clean_demo.left() == []
 
 
 @pytest.mark.netns
-def test_demo_class_kept_stays_up_and_cleans_up_on_sigterm(clean_demo):
-    demo = clean_demo.start("--clients", "2", "--keep", start_new_session=True)
+def test_demo_class_kept_in_tap_mode_with_tls_stays_up_and_cleans_up_on_sigterm(clean_demo, certs):
+    demo = clean_demo.start("--clients", "2", "-a", "--tls", str(certs["a"]), "--keep", start_new_session=True)
     try:
         out = LineReader(demo)
         out.wait_for("the tunnel stays up until Ctrl-C")
@@ -2348,6 +2345,8 @@ def test_demo_class_kept_stays_up_and_cleans_up_on_sigterm(clean_demo):
     assert status == 0, out.text()
     out.wait_for("removed all three namespaces")
     assert "interrupted: stopping every end" in out.text() and clean_demo.left() == []
+    assert "all 4 echo requests crossed the tunnel and their replies came back" in out.text()
+    assert out.text().count("(TLSv1.3, pinned certificate)") == 2 and "tap0 10.0.0.3/24" in out.text()
 
 
 @pytest.mark.netns
