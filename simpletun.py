@@ -1653,13 +1653,16 @@ def udp_socket(args, key=None):
     return link
 
 
-# ---- 8. A class on one server (--clients N): Switch, packet_ends() ---------------------------
+# ---- 8. A class on one server (--clients N): Switch, packet_ends(), claimed_addresses() -----
 #      relay() runs once, its link a Switch: the device's packets go to the client that owns their
 #      destination (tap: broadcast, unknown: to all). Each client is an ExtraLink the room admits, with a
-#      handler of its own; it sends from the addresses it owns (first come, first served), to the device
-#      or straight to another client. A client that stops reading loses its own packets.
+#      handler of its own; it sends from the addresses it owns (first come, first served; tap: its MACs and
+#      the IP addresses its ARP and IP packets claim, as a switch's ARP inspection checks), to the device
+#      or straight to another client. The server's own addresses are never a client's: read from its device
+#      when a client joins, and whatever the device sends from. A client that stops reading loses its own packets.
 
 MAX_OWNED = 16  # addresses one client may own: a tunnel address or two, IPv6's, a bridge's MACs
+NEIGHBOR_ADVERTISEMENT = 136  # ICMPv6: "this address is at my MAC", IPv6's ARP reply
 RECONNECT_EVERY = 3  # seconds between a --reconnect client's tries
 
 
@@ -1673,20 +1676,63 @@ def packet_ends(packet, tap):
     return bytes(packet[start:start + size]), bytes(packet[start + size:start + 2 * size])
 
 
+def claimed_addresses(frame):
+    """Tap: the IP addresses a frame's sender claims (ARP's sender, the IP source, what an IPv6 neighbour
+    advertisement says is its own; 0.0.0.0 and :: claim none), or None if its ARP names another MAC as sender."""
+    if len(frame) < ETHERNET.size:
+        return []
+    _, source, ethertype = ETHERNET.unpack_from(frame)
+    body, claims = frame[ETHERNET.size:], []
+    if ethertype == ETHERTYPE_ARP and len(body) >= ARP.size:
+        sender_mac, sender_ip = ARP.unpack_from(body)[5:7]
+        if sender_mac != source:
+            return None
+        claims = [sender_ip]
+    elif ethertype == ETHERTYPE_IPV4 and len(body) >= IPV4.size:
+        claims = [IPV4.unpack_from(body)[8]]
+    elif ethertype == ETHERTYPE_IPV6 and len(body) >= IPV6.size:
+        _, _, next_header, _, ip_source, _ = IPV6.unpack_from(body)
+        claims = [ip_source]
+        if next_header == ICMPV6 and len(body) >= IPV6.size + 24 and body[IPV6.size] == NEIGHBOR_ADVERTISEMENT:
+            claims.append(bytes(body[IPV6.size + 8:IPV6.size + 24]))  # its target: "this address is mine"
+    return [address for address in claims if any(address)]
+
+
+def device_addresses(name):
+    """The addresses a device has, as packet_ends() gives them: its IPv4 and IPv6 ones (ip), its MAC (sysfs)."""
+    try:
+        text = ip_command("-o", "addr", "show", "dev", name)
+    except UserError:  # no such device (or no ip command): nothing to reserve
+        return []
+    found = [ipaddress.ip_address(a).packed for a in re.findall(r"\binet6? ([0-9a-f.:]+)", text)]
+    with contextlib.suppress(OSError, ValueError), open("/sys/class/net/%s/address" % name) as f:
+        found.append(bytes.fromhex(f.read().strip().replace(":", "")))
+    return [address for address in found if address]  # (a tun device has no MAC: an empty one)
+
+
+def address_text(address):
+    """An address as people write it: a MAC (6 bytes), an IPv4 or an IPv6 address."""
+    return mac_text(address) if len(address) == 6 else str(ipaddress.ip_address(address))
+
+
 class Switch(Link):
     """relay()'s link for a class: a queue that send_queued() sorts out to the clients."""
 
     def __init__(self, room, slots):
         self.pair = socket.socketpair()  # relay() watches the link's socket: this one never speaks
-        super().__init__(self.pair[0], "the class")
+        super().__init__(self.pair[0], "the server")  # (the owner of the server's own addresses: itself)
         self.room, self.slots, self.tap, self.debug = room, slots, room.tap, room.debug
         self.clients, self.owners = [], {}  # the clients; address -> the client that sent from it first
         self.said = set()  # what was said once: (client, address) for a spoof, (client,) for a stall
         self.given = set()  # the clients given frames in this wake-up: each gets them in one send
         self.spoofed = self.lost = 0  # packets dropped: from another's address; for a client taking nothing
+        self.routed = set()  # clients' addresses the device sent from, which it does not have (see sent_from)
 
     def join(self, link):
-        """A client proved itself in the waiting room: it takes a slot."""
+        """A client proved itself in the waiting room: it takes a slot (the server's addresses are kept first)."""
+        for address in device_addresses(self.room.tunnel.name):
+            self.reserve(address)
+        self.routed.clear()
         link.switch, link.owned = self, 0
         self.clients.append(link)
         self.room.register(link.sock, selectors.EVENT_READ, lambda events: self.client_ready(link, events))
@@ -1737,36 +1783,73 @@ class Switch(Link):
             start = 0
             while start < len(out):
                 end = start + HEADER.size + HEADER.unpack_from(out, start)[0]
-                _, destination = packet_ends(out[start + HEADER.size:end], self.tap)
+                packet = out[start + HEADER.size:end]
+                source, destination = packet_ends(packet, self.tap)
+                for address in self.claims(packet, source) or ():
+                    if self.owners.get(address) is not self:
+                        self.sent_from(address)
                 self.given.update(self.deliver(out[start:end], destination))
                 start = end
+            packet = None  # (a view of the queue: it must go before the queue can change)
         del self.out[:]
         self.flush()
 
+    def claims(self, packet, source):
+        """The addresses a packet says are its sender's: its source, and (tap) what claimed_addresses() finds."""
+        if not self.tap:
+            return (source,) if source else ()
+        addresses = claimed_addresses(packet)
+        return None if addresses is None else [source] + addresses
+
+    def sent_from(self, address):
+        """The server's device sent from an address: the server's, unless a client has it and the device does
+        not (the server's kernel routed a client's packet back out: it stays the client's)."""
+        if address not in self.routed:
+            if self.owners.get(address) is None or address in device_addresses(self.room.tunnel.name):
+                return self.reserve(address)
+            self.routed.add(address)
+
+    def reserve(self, address):
+        """An address of the server's own is the server's, taken back from a client if need be."""
+        owner = self.owners.get(address)
+        if owner not in (None, self):
+            owner.owned -= 1
+            log.warning("SERVER: %s is this server's own address: taken back from %s", address_text(address),
+                        owner.address)
+        self.owners[address] = self
+
     def from_client(self, link, packet):
-        """NET2TAP: a client's packet is dropped if its source is another's; one for another client
-        goes straight to it; True if it is for the device (tap: a broadcast goes to both)."""
+        """NET2TAP: a client's packet is dropped if what it claims is another's (or the server's); one
+        for another client goes straight to it; True if it is for the device (tap: a broadcast goes to both)."""
         source, destination = packet_ends(packet, self.tap)
-        owner = self.owners.get(source) if source else link
-        if owner is None and link.owned < MAX_OWNED:
-            owner = self.owners[source] = link
-            link.owned += 1
-        if owner is not link:
-            self.spoofed += 1
-            say_once(self.said, (link, owner and source),  # once per address of another's; once for the rest
-                     "SERVER: dropping %s's packets from %s: %s (counted, not logged again)", link.address,
-                     mac_text(source) if self.tap else ipaddress.ip_address(source),
-                     "that address is %s's" % owner.address if owner else "it owns %d" % MAX_OWNED)
-            return False
+        claims = self.claims(packet, source)
+        if claims is None:
+            return self.drop(link, "arp", "whose ARP sender is another MAC than the frame's own")
+        for address in claims:
+            owner = self.owners.get(address)
+            if owner is None and link.owned < MAX_OWNED:
+                owner = self.owners[address] = link
+                link.owned += 1
+            if owner is not link:  # once per address of another's; once for the rest
+                return self.drop(link, owner and address, "from %s: %s", address_text(address),
+                                 "that address is %s's" % owner.address if owner else "it owns %d" % MAX_OWNED)
         to = self.owners.get(destination)
-        if to or self.tap and destination[0] & 1:  # another client's, or (the group bit) a broadcast
+        if to is not self and (to or self.tap and destination[0] & 1):  # another client's, or a broadcast
             self.given.update(self.deliver(HEADER.pack(len(packet)) + packet, destination, link))
-        return to is None
+        return to is None or to is self
+
+    def drop(self, link, key, what, *args):
+        """A client's packet that claims what is not its own: counted, and said once per key; False."""
+        self.spoofed += 1
+        say_once(self.said, (link, key), "SERVER: dropping %s's packets " + what + " (counted, not logged again)",
+                 link.address, *args)
+        return False
 
     def deliver(self, frame, destination, sender=None):
         """Queue a frame for its destination's owner (tap: none, or a broadcast: all but the sender)."""
         to = self.owners.get(destination)
-        given = [to] if to else [c for c in self.clients if c is not sender] if self.tap else []
+        given = [] if to is self else [to] if to else [c for c in self.clients if c is not sender] if self.tap \
+            else []
         for link in given:
             if len(link.out) >= OUT_LIMIT:  # it takes nothing: packets for it are lost, not everyone's
                 self.lost += 1

@@ -1819,12 +1819,123 @@ def test_class_in_tap_mode_floods_broadcasts_and_learns_macs(server_rig):
     r = server_rig(clients=3, tap=True)
     a = student(r, "10.0.0.2", mac="6e:00:00:00:00:02")
     b = student(r, "10.0.0.3", mac="6e:00:00:00:00:03")
-    who_has = ethernet(0x0806, bytes(28), src="6e:00:00:00:00:02")  # a's broadcast
+    who_has = ethernet(0x0806, arp(1, "10.0.0.2", "10.0.0.3"), src="6e:00:00:00:00:02")  # a's broadcast
     a.sendall(frame(who_has))
     assert received(b) == who_has and r.kernel.recv(65536) == who_has  # every other client, and the server
     unicast = ethernet(0x0800, b"x" * 30, dst="6e:00:00:00:00:03", src="6e:00:00:00:00:01")
     r.kernel.send(unicast)
     assert received(b) == unicast and received(a, 0.2) is None
+
+
+SERVER_MAC, ALICE_MAC, BOB_MAC = "6e:00:00:00:00:01", "6e:00:00:00:00:02", "6e:00:00:00:00:03"
+
+
+def server_addresses(monkeypatch, *addresses):
+    """The server's device has these addresses (IPv4, IPv6, MACs), as device_addresses() reads them."""
+    packed = [bytes.fromhex(a.replace(":", "")) if a.count(":") == 5 else socket.inet_pton(
+        socket.AF_INET6 if ":" in a else socket.AF_INET, a) for a in addresses]
+    monkeypatch.setattr(simpletun, "device_addresses", lambda name: packed)
+
+
+@pytest.mark.parametrize("address, packet", [
+    ("10.0.0.1", lambda: ipv4(17, b"I am the server", src="10.0.0.1", dst="10.0.0.3")),
+    ("fd00::1", lambda: ipv6(17, bytes(8), src="fd00::1", dst="fd00::3")),
+    ("fe80::1", lambda: ipv6(17, bytes(8), src="fe80::1", dst="fe80::3")),
+], ids=["IPv4", "IPv6", "IPv6 link-local"])
+def test_a_student_sending_from_the_servers_tunnel_address_is_dropped_and_named(server_rig, caplog, monkeypatch,
+                                                                                address, packet):
+    server_addresses(monkeypatch, "10.0.0.1", "fd00::1", "fe80::1")
+    r = server_rig(clients=3)
+    a, b = student(r, "10.0.0.2"), student(r, "10.0.0.3")
+    b.sendall(frame(packet()))  # b takes the server's address, before the server has sent from it
+    a.sendall(frame(ipv4(17, b"for the server", src="10.0.0.2", dst="10.0.0.1")))
+    assert r.kernel.recv(65536) == ipv4(17, b"for the server", src="10.0.0.2", dst="10.0.0.1")  # b's: dropped
+    assert received(b, 0.2) is None  # and a's packet to the server went to the server, not to b
+    assert "SERVER: dropping 127.0.0.1's packets from %s: that address is the server's (counted, not logged " \
+           "again)" % address in caplog.messages
+
+
+def test_an_address_the_device_sends_from_later_is_the_servers_and_is_taken_back_from_a_student(
+        server_rig, caplog, monkeypatch):
+    server_addresses(monkeypatch)  # nothing yet: the address comes after the class began
+    r = server_rig(clients=2)
+    a, b = student(r, "10.0.0.2"), student(r, "10.0.0.3")
+    b.sendall(frame(ipv4(17, b"mine now", src="10.0.0.9", dst="10.0.0.2")))  # b takes 10.0.0.9 first
+    assert received(a) == ipv4(17, b"mine now", src="10.0.0.9", dst="10.0.0.2")  # (nobody had it: b's)
+    server_addresses(monkeypatch, "10.0.0.9")  # the server's device gets it, and sends from it
+    r.kernel.send(ipv4(17, b"server", src="10.0.0.9", dst="10.0.0.3"))
+    assert received(b) == ipv4(17, b"server", src="10.0.0.9", dst="10.0.0.3")
+    wait_for(lambda: "SERVER: 10.0.0.9 is this server's own address: taken back from 127.0.0.1" in caplog.messages,
+             "the address to be taken back")
+    a.sendall(frame(ipv4(17, b"to the server", src="10.0.0.2", dst="10.0.0.9")))
+    assert r.kernel.recv(65536) == ipv4(17, b"to the server", src="10.0.0.2", dst="10.0.0.9")
+    assert received(b, 0.2) is None  # b no longer has it
+    b.sendall(frame(ipv4(17, b"again", src="10.0.0.9", dst="10.0.0.2")))
+    assert received(a, 0.2) is None  # and cannot take it again
+
+
+def test_a_clients_packet_the_servers_kernel_routes_back_out_leaves_the_address_the_clients(server_rig, monkeypatch):
+    server_addresses(monkeypatch, "10.0.0.1")
+    r = server_rig(clients=2)
+    a, b = student(r, "10.0.0.2"), student(r, "10.0.0.3")
+    r.kernel.send(ipv4(17, b"routed", src="10.0.0.2", dst="10.0.0.3"))  # a's, passed back out by the kernel
+    assert received(b) == ipv4(17, b"routed", src="10.0.0.2", dst="10.0.0.3")
+    r.kernel.send(ipv4(17, b"for a", src="10.0.0.1", dst="10.0.0.2"))
+    assert received(a) == ipv4(17, b"for a", src="10.0.0.1", dst="10.0.0.2")  # 10.0.0.2 is still a's
+
+
+def test_a_tap_student_sending_from_the_servers_mac_reaches_no_classmates_packet(server_rig, caplog, monkeypatch):
+    server_addresses(monkeypatch, SERVER_MAC, "10.0.0.1")
+    r = server_rig(clients=3, tap=True)
+    a, b = student(r, "10.0.0.2", mac=ALICE_MAC), student(r, "10.0.0.3", mac=BOB_MAC)
+    b.sendall(frame(ethernet(0x0800, ipv4(17, b"x", src="10.0.0.3"), dst=ALICE_MAC, src=SERVER_MAC)))
+    to_server = ethernet(0x0800, ipv4(17, b"for the server"), dst=SERVER_MAC, src=ALICE_MAC)
+    a.sendall(frame(to_server))
+    assert r.kernel.recv(65536) == to_server and received(b, 0.2) is None and received(a, 0.2) is None
+    assert "SERVER: dropping 127.0.0.1's packets from %s: that address is the server's (counted, not logged " \
+           "again)" % SERVER_MAC in caplog.messages
+
+
+@pytest.mark.parametrize("forged, says", [
+    (lambda: ethernet(0x0806, arp(2, "10.0.0.2", "10.0.0.4", BOB_MAC), dst="6e:00:00:00:00:04", src=BOB_MAC),
+     "from 10.0.0.2: that address is 127.0.0.1's"),  # "alice's IP is at bob's MAC"
+    (lambda: ethernet(0x0806, arp(2, "10.0.0.1", "10.0.0.1", BOB_MAC), src=BOB_MAC),
+     "from 10.0.0.1: that address is the server's"),  # gratuitous ARP for the server's IP
+    (lambda: ethernet(0x0806, arp(1, "10.0.0.3", "10.0.0.2", ALICE_MAC), src=BOB_MAC),
+     "whose ARP sender is another MAC than the frame's own"),
+    (lambda: ethernet(0x0800, ipv4(17, b"x", src="10.0.0.2", dst="10.0.0.4"), dst="6e:00:00:00:00:04",
+                      src=BOB_MAC), "from 10.0.0.2: that address is 127.0.0.1's"),
+    (lambda: ethernet(0x86DD, ipv6(58, struct.pack("!BBHI", 136, 0, 0, 0) + socket.inet_pton(
+        socket.AF_INET6, "fd00::2"), src="fe80::3", dst="ff02::1"), dst="33:33:00:00:00:01", src=BOB_MAC),
+     "from fd00::2: that address is 127.0.0.1's"),  # a neighbour advertisement for alice's IPv6 address
+], ids=["ARP reply for a classmate's IP", "gratuitous ARP for the server's IP", "ARP naming another MAC",
+        "IPv4 from a classmate's IP", "neighbour advertisement for a classmate's IPv6"])
+def test_a_tap_students_lie_about_an_address_is_dropped_and_reaches_no_one(server_rig, caplog, monkeypatch,
+                                                                            forged, says):
+    server_addresses(monkeypatch, SERVER_MAC, "10.0.0.1")
+    r = server_rig(clients=3, tap=True)
+    a = student(r, "10.0.0.2", mac=ALICE_MAC)
+    a.sendall(frame(ethernet(0x86DD, ipv6(17, bytes(8), src="fd00::2", dst="fd00::1"), dst=SERVER_MAC,
+                             src=ALICE_MAC)))
+    assert r.kernel.recv(65536)  # alice has her IPv6 address too
+    b = student(r, "10.0.0.3", mac=BOB_MAC)
+    carol = student(r, "10.0.0.4", mac="6e:00:00:00:00:04")
+    b.sendall(frame(forged()))
+    assert received(carol, 0.3) is None and received(a, 0.2) is None  # no classmate heard the lie
+    assert not select.select([r.kernel], [], [], 0.2)[0]  # nor the server
+    assert any(says in m and "dropping 127.0.0.1's packets" in m for m in caplog.messages), caplog.messages
+    honest = ethernet(0x0806, arp(2, "10.0.0.3", "10.0.0.4", BOB_MAC), dst="6e:00:00:00:00:04", src=BOB_MAC)
+    b.sendall(frame(honest))
+    assert received(carol) == honest  # ARP between honest classmates keeps working
+
+
+def test_tap_students_probing_for_an_address_from_0_0_0_0_claim_nothing(server_rig):
+    r = server_rig(clients=3, tap=True)
+    a, b = student(r, "10.0.0.2", mac=ALICE_MAC), student(r, "10.0.0.3", mac=BOB_MAC)
+    for sock, mac in ((a, ALICE_MAC), (b, BOB_MAC)):  # an ARP probe (RFC 5227): "is 10.0.0.7 taken?"
+        probe = ethernet(0x0806, arp(1, "0.0.0.0", "10.0.0.7", mac), src=mac)
+        sock.sendall(frame(probe))
+        assert r.kernel.recv(65536) == probe  # both reach the server: 0.0.0.0 is no one's
 
 
 def test_flood_of_empty_frames_from_the_client_keeps_memory_flat(rig, monkeypatch):
