@@ -1341,11 +1341,14 @@ def describe_offloaded(packet, tap):
 #      per datagram (the VPN lab's relays): it is sent packets only, and a server serves the first
 #      plausible sender until it has been silent UDP_SILENCE s. With --key each datagram carries a number
 #      and a keyed MAC (BLAKE2b): only key holders are served, the newest at once, nothing is replayed,
-#      and both ends say "still here" every UDP_HEARTBEAT s. Packets still cross in clear.
+#      and both ends say "still here" every UDP_HEARTBEAT s. Packets still cross in clear. A served peer's
+#      datagrams come on a socket of its own, so a stranger's flood crowds out no one (see serve_peer()).
 
 UDP_SILENCE = 3  # seconds: a silent client may lose its slot; a client that hears nothing says so
 UDP_HEARTBEAT = 1  # --key: seconds an end may send nothing before it says "still here"
-MAX_STRANGERS = 1024  # addresses whose dropped datagrams are counted one by one (each is named once)
+MAX_STRANGERS = 1024  # the latest senders named, whose dropped datagrams are only counted from then on
+NAMES_AT_ONCE, NAMING_TIME = 8, 5  # new senders named per NAMING_TIME s at most: a flood of them is counted
+PORT_BUDGET = 8  # datagrams read from the port's socket per wake-up while a peer is served (strangers')
 UDP_MTU = 1500 - 40 - 8  # the device MTU whose packets fit one datagram on a 1500-byte cable (IPv6+UDP)
 UDP_BUFFER = 4 << 20  # bytes of socket buffer each way: a burst of datagrams waits there, not dropped
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h: past net.core.[wr]mem_max, as root
@@ -1385,8 +1388,12 @@ class DatagramLink(Link):
         self.heard_at = self.sent_at = 0  # when the peer last sent a datagram; when we last did
         self.unanswered = None  # client: since when what we sent has had no answer
         self.told = set()  # what was said once: "no client", "unanswered", "silent", "malformed"
-        # senders named (MAX_STRANGERS at most); datagrams dropped, packets not sent, packets not whole
-        self.strangers, self.dropped, self.unsent, self.malformed = set(), 0, 0, 0
+        # the latest senders named (oldest first), when naming began and how many since; datagrams dropped,
+        # senders not named, packets not sent, packets not whole
+        self.strangers, self.naming, self.named = {}, 0, 0
+        self.dropped, self.unnamed, self.unsent, self.malformed = 0, 0, 0, 0
+        self.own = None  # server: the served peer's own socket (see serve_peer())
+        self.former = None  # server, --key: the peer served before this one
         self.packets = []  # what the last receive kept for cut(): views of the buffer
         # --key: our next number (from the clock: a restarted end goes on above its old numbers), the
         # newest number received and a bit for each of the REPLAY_WINDOW before it; a keyed MAC for
@@ -1461,27 +1468,29 @@ class DatagramLink(Link):
         return number, packet, tag.digest()
 
     def receive(self):
-        """Take the datagrams waiting; keep the packets from our peer for cut(); None if none is."""
+        """Take the datagrams waiting -- the served peer's own socket first, then the port's (strangers',
+        a newcomer's) within PORT_BUDGET -- keeping our peer's packets for cut(); None if none is."""
         self.packets.clear()
         end, now = 0, time.monotonic()
-        for _ in range(MAX_BATCH):
-            if len(self.buffer) - end <= MAX_PACKET:
-                break
-            try:
-                size, notes, _, sender = self.sock.recvmsg_into([self.view[end:]], GRO_SPACE)
-            except self.would_block:
-                break
-            except ConnectionRefusedError:
-                self.say_unanswered()
-                continue
-            # several datagrams at once (UDP_GRO): the kernel says their size, the last may be smaller
-            step = next((struct.unpack("=i", data)[0] for _, kind, data in notes if kind == UDP_GRO), size)
-            run = self.view[end:end + size]
-            for start in range(0, size, step or 1):
-                packet = self.admitted(sender, run[start:start + step], now)
-                if packet:
-                    self.packets.append(packet)
-            end += size
+        for sock, budget in ((self.own, MAX_BATCH), (self.sock, PORT_BUDGET if self.own else MAX_BATCH)):
+            for _ in range(budget if sock else 0):
+                if len(self.buffer) - end <= MAX_PACKET:
+                    break
+                try:
+                    size, notes, _, sender = sock.recvmsg_into([self.view[end:]], GRO_SPACE)
+                except self.would_block:
+                    break
+                except ConnectionRefusedError:
+                    self.say_unanswered()
+                    continue
+                # several datagrams at once (UDP_GRO): the kernel says their size, the last may be smaller
+                step = next((struct.unpack("=i", data)[0] for _, kind, data in notes if kind == UDP_GRO), size)
+                run = self.view[end:end + size]
+                for start in range(0, size, step or 1):
+                    packet = self.admitted(sender, run[start:start + step], now)
+                    if packet:
+                        self.packets.append(packet)
+                end += size
         return len(self.packets) or None  # never 0: a datagram socket has no end of stream
 
     def cut(self, count):
@@ -1491,11 +1500,16 @@ class DatagramLink(Link):
     def admitted(self, sender, datagram, now):
         """The packet a datagram carries if it is from our peer (empty: "still here"), else None."""
         packet = self.opened(datagram) if self.key else datagram
-        if packet is None:
+        if packet is False and sender == self.former:
+            return self.drop(sender, "it holds the key, but %s took its slot since: the newest key holder is "
+                             "served (a restarted end is the newest)" % self.address, now)
+        if packet is None or packet is False:
             return self.drop(sender, "no valid --key tag: it runs with another key, or without --key "
-                                     "(or it replays old datagrams)")
+                                     "(or it replays old datagrams)", now)
         if sender != self.peer and not self.takes(sender, packet, now):
             return None
+        if self.client and not self.heard_at:
+            log.warning("CLIENT: the first datagram came back from %s: the server serves this end", self.address)
         self.heard_at = now
         if self.unanswered is not None:  # an answer: a silence is over
             self.unanswered = None
@@ -1522,15 +1536,41 @@ class DatagramLink(Link):
             if not why and self.peer and now - self.heard_at < UDP_SILENCE:
                 why = "it sent a packet, but %s is being served" % self.address
             if why:
-                return self.drop(sender, why)
+                return self.drop(sender, why, now)
         log.warning("SERVER: serving %s%s", udp_address(sender), "" if self.peer is None else
                     " (%s was silent for %d s)" % (self.address, now - self.heard_at) if not self.key else
                     " (it holds the key; %s no longer has the slot)" % self.address)
-        self.peer, self.address = sender, udp_address(sender)
+        self.former, self.peer, self.address = self.peer, sender, udp_address(sender)
+        self.serve_peer(sender)
         return True
 
+    def serve_peer(self, peer):
+        """Server: the served peer's datagrams come on a socket of its own, bound to the port and connected to
+        the peer (the kernel hands a connected socket its peer's datagrams alone), so that a stranger's flood
+        fills the port's socket, read within PORT_BUDGET, and not this one. SO_REUSEPORT lets two sockets share
+        the port; it is on only while this one binds, so that no other program can share it after."""
+        if self.own is None:
+            own = socket.socket(self.sock.family, socket.SOCK_DGRAM)
+            try:
+                if own.family == socket.AF_INET6:  # as the port's: IPv4 peers too
+                    own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, self.sock.getsockopt(
+                        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+                for sock in (self.sock, own):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                own.bind(self.sock.getsockname())
+                tune_datagrams(own)
+            except OSError as err:  # the peer's datagrams stay on the port's socket: flooded with it
+                own.close()
+                return log.debug("SERVER: no socket of the peer's own: %s", err.strerror or err)
+            finally:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+            self.own = own
+        self.own.connect(peer)  # (a new peer: the same socket, connected anew)
+
     def opened(self, datagram):
-        """--key: the packet inside a datagram whose tag is right and whose number is new, else None."""
+        """--key: the packet inside a datagram whose tag is right and whose number is new; None for a wrong
+        tag, False for a number taken before."""
         if len(datagram) < KEY_OVERHEAD:
             return None
         tag = self.opener.copy()
@@ -1543,17 +1583,29 @@ class DatagramLink(Link):
             self.seen = (self.seen << shift | 1) & REPLAY_BITS if shift < REPLAY_WINDOW else 1
             self.newest = number
         elif self.newest - number >= REPLAY_WINDOW or self.seen >> (self.newest - number) & 1:
-            return None  # too old to tell, or taken before: a replay
+            return False  # a right tag, but too old to tell, or taken before: a replay
         else:
             self.seen |= 1 << (self.newest - number)
         return datagram[NUMBER.size:-TAG_SIZE]
 
-    def drop(self, sender, why):
-        """Drop a datagram that is not our peer's: count it, name its sender once (MAX_STRANGERS at most)."""
+    def drop(self, sender, why, now):
+        """Drop a datagram that is not our peer's: count it; name a new sender once, unless NAMES_AT_ONCE were
+        named in the last NAMING_TIME s (a flood of spoofed senders: counted). The latest MAX_STRANGERS named
+        are remembered: a new one, after a flood of others, is named as soon as the flood ends."""
         self.dropped += 1
-        if len(self.strangers) < MAX_STRANGERS:
-            say_once(self.strangers, sender, "%s: dropping datagrams from %s: %s (counted, not logged again)",
-                     "CLIENT" if self.client else "SERVER", udp_address(sender), why)
+        if sender in self.strangers:
+            return
+        if now - self.naming >= NAMING_TIME:
+            self.naming, self.named = now, 0
+        if self.named >= NAMES_AT_ONCE:
+            self.unnamed += 1
+            return
+        self.named += 1
+        if len(self.strangers) >= MAX_STRANGERS:
+            del self.strangers[next(iter(self.strangers))]  # the oldest named
+        self.strangers[sender] = now
+        log.warning("%s: dropping datagrams from %s: %s (counted, not logged again)",
+                    "CLIENT" if self.client else "SERVER", udp_address(sender), why)
 
     def tick(self, now):
         """--key: beat after UDP_HEARTBEAT s unsent; a client unanswered UDP_SILENCE s says so. Next in s."""
@@ -1574,31 +1626,37 @@ class DatagramLink(Link):
 
     def say_unanswered(self):
         """Client: the server's host answered with ICMP port unreachable. Say so once per silence."""
-        say_once(self.told, "unanswered", "CLIENT: nothing answers at %s port %d (ICMP port unreachable): is "
-                 "the server running, with --udp? The client goes on, and its packets are lost until it is",
-                 self.address, self.peer[1])
+        if self.client:  # (a server's peer socket hears them too: its client has gone)
+            say_once(self.told, "unanswered", "CLIENT: nothing answers at %s port %d (ICMP port unreachable): is "
+                     "the server running, with --udp? The client goes on, and its packets are lost until it "
+                     "is", self.address, self.peer[1])
 
     def close(self):
         """Say how many datagrams were dropped, then close."""
         if self.dropped:
-            log.warning("%s: dropped %d datagram(s) from %d%s other sender(s)", "CLIENT" if self.client
-                        else "SERVER", self.dropped, len(self.strangers),
-                        " or more" if len(self.strangers) == MAX_STRANGERS else "")
+            log.warning("%s: dropped %d datagram(s) from other senders (%s)", "CLIENT" if self.client else
+                        "SERVER", self.dropped, "each named above" if not self.unnamed else "%d more in a flood "
+                        "of new senders, not named" % self.unnamed)
         for count, what in ((self.unsent, "could not be sent"), (self.malformed, "were no whole packets")):
             if count:
                 log.warning("%d packet(s) %s", count, what)
         log.removeFilter(self)
+        if self.own:
+            self.own.close()
         super().close()
 
 
 class UdpClock(selectors.DefaultSelector):
-    """The --udp selector: waits as the loop asks, but not past the link's next tick()."""
+    """The --udp selector: waits as the loop asks, but not past the link's next tick(); and watches the
+    served peer's own socket, once there is one, as relay() watches the link's."""
 
     def __init__(self, link):
         super().__init__()
         self.link = link
 
     def select(self, timeout=None):
+        if self.link.own and self.link.own not in self.get_map():
+            self.register(self.link.own, selectors.EVENT_READ, self.get_key(self.link.sock).data)
         due = self.link.tick(time.monotonic())
         return super().select(due if timeout is None else min(due, timeout))
 
@@ -1612,6 +1670,21 @@ def server_family(bind):
 def udp_address(address):
     """A UDP sender as a person writes it: address and port."""
     return "%s port %d" % (plain_address(address[0]), address[1])
+
+
+def tune_datagrams(sock):
+    """Non-blocking, with room for a burst each way; True if the kernel hands over runs of datagrams."""
+    sock.setblocking(False)
+    for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER)
+        except PermissionError:  # not root: as much as net.core.[wr]mem_max allows
+            sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER)
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError:
+        return False
 
 
 def udp_socket(args, key=None):
@@ -1634,17 +1707,8 @@ def udp_socket(args, key=None):
         at = args.client or args.bind or "every address"
         raise UserError("cannot use UDP port %d on %s: %s" % (args.port, at, os.strerror(err.errno)
                                                                 if err.errno else err)) from None
-    sock.setblocking(False)
-    for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER)
-        except PermissionError:  # not root: as much as net.core.[wr]mem_max allows
-            sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER)
-    try:
-        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-        batches = True
-    except OSError:
-        batches = False
+    batches = tune_datagrams(sock)
+    if not batches:
         log.debug("this kernel cannot hand over runs of datagrams (UDP_GRO, Linux 5.0): one per call")
     link = DatagramLink(sock, args.client or "", args.tap, sock.getpeername() if args.client else None,
                         key, batches)

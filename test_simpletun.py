@@ -2767,8 +2767,8 @@ def udp_ends(tap=False, key=None):
 
 
 def until_received(tunnel, link):
-    """net2tap() once the next datagram has come to the server's socket."""
-    select.select([link.sock], [], [], TIMEOUT)
+    """net2tap() once the next datagram has come to the server's socket (or its served peer's own)."""
+    select.select([link.sock] + ([link.own] if link.own else []), [], [], TIMEOUT)
     simpletun.net2tap(tunnel, link)
 
 
@@ -2800,7 +2800,8 @@ def test_udp_server_drops_strangers_naming_each_once_and_takes_a_new_client_afte
             noise.sendto(b"GET / HTTP/1.1\r\n\r\n", link.sock.getsockname())
             noise.sendto(b"", link.sock.getsockname())  # empty: nothing to write, nothing to say
         time.sleep(0.1)
-        simpletun.net2tap(tunnel, link)
+        for _ in range(3):  # (the port's socket, where strangers land, is read PORT_BUDGET at a time)
+            simpletun.net2tap(tunnel, link)
         assert kernel.recv(65536) == UDP_PACKET and not select.select([kernel], [], [], 0.1)[0]
         kernel.send(ECHO_REQUEST)
         simpletun.tap2net(tunnel, link)
@@ -2815,21 +2816,52 @@ def test_udp_server_drops_strangers_naming_each_once_and_takes_a_new_client_afte
         assert kernel.recv(65536) == ECHO_REQUEST and link.peer[1] == stranger.getsockname()[1]
         assert "was silent for 3 s" in caplog.messages[-1]
         link.close()
-        assert "dropped 10 datagram(s) from 2 other sender(s)" in caplog.messages[-1]
+        assert "SERVER: dropped 10 datagram(s) from other senders (each named above)" in caplog.messages[-1]
 
 
-def test_udp_strangers_beyond_the_bound_are_only_counted(caplog, monkeypatch):
-    monkeypatch.setattr(simpletun, "MAX_STRANGERS", 3)
+def test_udp_a_flood_of_new_senders_is_counted_and_a_sender_after_it_is_still_named(caplog, monkeypatch):
+    monkeypatch.setattr(simpletun, "MAX_STRANGERS", 10)
     with udp_ends() as (tunnel, link, kernel, client):
         client.send(UDP_PACKET)
         until_received(tunnel, link)
-        for _ in range(6):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
-                stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
+        for flood in range(3):  # three floods of 20 spoofed senders, NAMING_TIME s apart
+            for _ in range(20):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+                    stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
+            for _ in range(3):
+                simpletun.net2tap(tunnel, link)
+            named = [m for m in caplog.messages if "dropping datagrams" in m]
+            assert len(named) == simpletun.NAMES_AT_ONCE * (flood + 1)  # a few lines per flood, not 20
+            link.naming -= simpletun.NAMING_TIME  # time passes
+        assert len(link.strangers) == 10 and link.dropped == 60  # memory stays bounded; every datagram counted
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as real:  # a real client, with the wrong mode
+            real.sendto(b"\x00" * 40, link.sock.getsockname())
+            until_received(tunnel, link)
+            assert "from 127.0.0.1 port %d: its first frame (40 bytes) is not an IP packet" % real.getsockname()[1] \
+                in caplog.messages[-1]
+        link.close()
+        assert caplog.messages[-1] == "SERVER: dropped 61 datagram(s) from other senders (%d more in a flood " \
+            "of new senders, not named)" % (60 - 3 * simpletun.NAMES_AT_ONCE)
+
+
+def test_udp_served_peers_datagrams_come_through_a_flood_of_the_port(caplog):
+    with udp_ends() as (tunnel, link, kernel, client), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        client.send(UDP_PACKET)
+        until_received(tunnel, link)
+        kernel.recv(65536)
+        assert link.own.getpeername() == client.getsockname()  # the served peer has a socket of its own
+        for _ in range(500):
+            stranger.sendto(ECHO_REQUEST, link.sock.getsockname())  # more than the port's budget, many times
+        client.send(UDP_PACKET)
         time.sleep(0.1)
-        simpletun.net2tap(tunnel, link)
-        assert len(link.strangers) == 3 and link.dropped == 6  # memory stays bounded; every datagram counted
-        assert len([m for m in caplog.messages if "dropping datagrams" in m]) == 3
+        assert select.select([link.own], [], [], 0)[0]  # the kernel put the client's datagram on its socket
+        simpletun.net2tap(tunnel, link)  # one wake-up: the peer's packet, and at most PORT_BUDGET of the port's
+        assert kernel.recv(65536) == UDP_PACKET and link.dropped == simpletun.PORT_BUDGET
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            with pytest.raises(OSError):  # no other program may share the port, even asking as we did
+                other.bind(link.sock.getsockname())
 
 
 def test_udp_client_says_once_when_nothing_answers_and_goes_on(caplog):
@@ -2901,8 +2933,39 @@ def test_udp_strangers_flood_is_counted_and_the_client_keeps_crossing(lab, tmp_p
     assert server.wait(TIMEOUT) == 0
     text = log_of(server)
     assert 1 <= text.count("dropping datagrams from") <= 50  # one line per stranger, not per datagram
-    assert re.search(r"SERVER: dropped \d+ datagram\(s\) from \d+ other sender\(s\)", text), text[-2000:]
+    assert re.search(r"SERVER: dropped \d+ datagram\(s\) from other senders", text), text[-2000:]
     assert "Traceback" not in text and "unexpected error" not in text
+
+
+STRANGERS_FLOOD = """
+import socket, sys, time
+s, end = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:  # as fast as one Python loop goes: 1400-byte datagrams at the server's port
+    try:
+        s.sendto(bytes(1400), (sys.argv[1], 55555))
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("keyed", [False, True])
+def test_udp_tunnel_flooded_by_a_stranger_still_carries_a_tcp_stream(lab, tmp_path, keyed):
+    server, client = start_pair(lab, "tun0", "--udp", "--mtu", "1400", *(["--key", key_file(tmp_path)] if keyed
+                                                                          else []))
+    lab.echo("s")
+    assert tunnel_passes(lab)
+    port_there = lab.add_host("f", 3)  # a third host, on a cable of its own to the server
+    sink = lab.spawn("s", simpletun.calling("bench_sink(5201)"), "sink.log")
+    wait_for(lambda: "listening" in log_of(sink), "the sink to listen")
+    flood = lab.spawn("f", [sys.executable, "-c", STRANGERS_FLOOD, port_there, "5"], "flood.log")
+    time.sleep(0.5)
+    stream = subprocess.run(["ip", "netns", "exec", lab.ns["c"]] + simpletun.calling(
+        "bench_send(%r, 5201, 3)" % lab.TUNNEL_IP["s"]), capture_output=True, text=True, timeout=20)
+    assert flood.poll() is None  # the stream crossed while the flood went on
+    assert float(stream.stdout) > 20, stream  # Mbit/s: the flood took its share of the CPU, not the tunnel
+    assert flood.wait(TIMEOUT) == 0 and server.poll() is None
+    assert "dropping datagrams from 192.0.3.2" in log_of(server)
 
 
 @pytest.mark.netns
@@ -3035,6 +3098,26 @@ def test_udp_key_refuses_a_replay_from_another_address_after_a_restart_and_a_ref
             time.sleep(0.05)
             assert server.receive() is None and server.dropped == 1 + 3 + 1
             assert server.peer == sock.getsockname() and not select.select([kernel], [], [], 0.1)[0]
+
+
+def test_udp_key_holder_that_lost_the_slot_to_a_newer_one_is_told_so_not_that_its_key_is_wrong(caplog):
+    with keyed_ends() as (tunnel, server, kernel, first):
+        first.sock.send(sealed(first, UDP_PACKET))
+        until_received(tunnel, server)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(server.sock.getsockname())
+            newer = simpletun.DatagramLink(sock, "127.0.0.1", False, sock.getpeername(), KEY)
+            sock.send(sealed(newer, ECHO_REQUEST))
+            until_received(tunnel, server)
+            assert server.peer == sock.getsockname()  # the newest key holder is served
+            first.sock.send(sealed(first, UDP_PACKET))
+            until_received(tunnel, server)
+            said = [m for m in caplog.messages if "dropping datagrams from 127.0.0.1 port %d"
+                    % first.sock.getsockname()[1] in m]
+            assert said == ["SERVER: dropping datagrams from 127.0.0.1 port %d: it holds the key, but 127.0.0.1 "
+                            "port %d took its slot since: the newest key holder is served (a restarted end is the "
+                            "newest) (counted, not logged again)" % (first.sock.getsockname()[1],
+                                                                     sock.getsockname()[1])]
 
 
 def test_udp_key_a_paused_client_keeps_its_slot_against_a_strangers_packets(caplog):
