@@ -454,6 +454,7 @@ class ExtraLink(Link):
         self.heard = heard  # the peer sent something: a server admits a peer only once it has
         self.stalled = None  # since when the peer has taken none of the frames queued for it
         self.switch = None  # --clients: the Switch this client of a class belongs to
+        self.away = None  # client, --reconnect: since when the server has been away
 
     def receive(self):
         """Link.receive(), and with TLS what it decrypted beyond; a broken link says why."""
@@ -469,8 +470,13 @@ class ExtraLink(Link):
             if isinstance(err, ConnectionResetError) and not self.heard:
                 raise LinkEnded(EVICTED) from None
             raise self.lost(err) from None
-        if count and not self.heard:
+        if count and not self.heard:  # (a server's links have heard already: this is a client)
             self.heard = True
+            if self.away is None:
+                log.warning("CLIENT: a first packet came back through the tunnel: the server serves this end")
+            else:
+                log.warning("CLIENT: back after %d s: a packet came back through the tunnel (--reconnect)",
+                            time.monotonic() - self.away)
             if self.header is HEADER and bytes(self.view[:len(GREETING_FRAME)]) == GREETING_FRAME:
                 raise LinkEnded("the peer runs with --offload, this end without: start both ends with "
                                 "--offload, or neither")
@@ -2503,8 +2509,9 @@ def parse_args(argv=None):
     return args
 
 
-def client_link(sock, host, args, tls):
-    """run_client()'s make_link: TLS handshake, ExtraLink, and the --offload greeting."""
+def client_link(sock, host, args, tls, away=None):
+    """run_client()'s make_link: TLS handshake, ExtraLink, the --offload greeting; a line that says it is
+    connected, unless -d says it already (or the server is away: see run_client_again())."""
     keep_alive(sock)
     if tls:
         sock = secure_client(sock, tls)
@@ -2517,24 +2524,34 @@ def client_link(sock, host, args, tls):
     except (LinkEnded, OSError) as err:
         link.sock.close()  # not a peer of this kind: no goodbye to wait for
         raise UserError("CLIENT: %s" % err) from None
+    link.away = away
+    if away is None and not log.isEnabledFor(logging.INFO):
+        log.warning("CLIENT: connected to %s port %d%s; the tunnel is up once a packet comes back through it",
+                    host, args.port, " (TLS, the pinned certificate)" if tls else "")
     if args.addr:  # (it waits in the device until relay() reads it: the first packet the server gets)
         announce(args.addr, args.iface)
     return link
 
 
 def run_client_again(tunnel, host, port, make_link):
-    """--reconnect: run_client() again every RECONNECT_EVERY s, device and address kept; a line per outage."""
-    away = False
+    """--reconnect: run_client()'s work again every RECONNECT_EVERY s, device and address kept. One line when
+    the server goes away, one when a packet comes back (ExtraLink.receive()); none for the tries between,
+    however each ends (refused, turned away, reset)."""
+    away = None  # since when the server has been away
     while True:
+        link = None
         try:
-            run_client(tunnel, host, port, make_link)
-            away, why = False, "the server went away"
-        except UserError as err:
-            why = err
-        if not away:
-            log.warning("CLIENT: %s; trying again every %d s until it is back (--reconnect)", why,
-                        RECONNECT_EVERY)
-            away = True
+            link = make_link(connect_to(host, port), host, away)
+            with contextlib.closing(link), selectors.DefaultSelector() as selector:
+                relay(tunnel, link, selector)
+            why = "the server closed the connection"
+        except (UserError, LinkEnded, OSError) as err:
+            why = getattr(err, "strerror", None) or err
+        if link and link.heard:  # it was back
+            away = None
+        if away is None:
+            log.warning("CLIENT: %s; trying again every %d s until it is back (--reconnect)", why, RECONNECT_EVERY)
+            away = time.monotonic()
         time.sleep(RECONNECT_EVERY)
 
 
@@ -2569,7 +2586,8 @@ def extended_end(args):
                 return 1  # a datagram link has no orderly end: it ends only when it breaks
         if args.client:
             return (run_client_again if args.reconnect else run_client)(
-                tunnel, args.client, args.port, lambda sock, host: client_link(sock, host, args, tls))
+                tunnel, args.client, args.port, lambda sock, host, away=None: client_link(sock, host, args, tls,
+                                                                                          away))
         serve_with_room(tunnel, args, tls)
     finally:
         os.close(tunnel.fd)

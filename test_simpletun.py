@@ -3334,6 +3334,109 @@ def test_class_of_three_reach_the_server_and_each_other_and_a_leaver_frees_its_a
         in log_of(server)
 
 
+def class_of_two(lab, mode, *flags):
+    """A class server (10.9.0.1) with its echo, alice (host c, 10.9.0.2) in and talking to it, and bob (host d,
+    10.9.0.3, on a cable of his own) in; return (server, alice, bob) processes."""
+    device = "tap0" if mode == "tap" else "tun0"
+    cable_d = lab.add_host("d", 3)
+    server = lab.tunnel("s", "-i", device, "-d", "--clients", "3", "--addr", "10.9.0.1/24", *flags)
+    wait_for(lambda: "listening" in log_of(server) or server.poll() is not None, "the server to listen")
+    ends = [lab.spawn(side, [sys.executable, "-u", SCRIPT, "-i", device, "-c", cable, "--addr", address, *flags],
+                      "%s.log" % side) for side, cable, address in (("c", lab.SERVER_IP, "10.9.0.2/24"),
+                                                                     ("d", cable_d, "10.9.0.3/24"))]
+    wait_for(lambda: "10.9.0.1/24" in lab.ip("-n", lab.ns["s"], "addr", "show", device).stdout, "the server's address")
+    lab.spawn("s", [sys.executable, "-c", UDP_ECHO, "10.9.0.1"], "echo-s.log")
+    for side, source in (("c", "10.9.0.2"), ("d", "10.9.0.3")):
+        wait_for(lambda: probes(lab, side, source, "10.9.0.1", 1, 0.5) == 1, "%s to reach the server" % source)
+    wait_for(lambda: log_of(server).count("joined the class") == 2, "both to join")
+    return (server, *ends)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("mode, tls", [("tun", False), ("tun", True), ("tap", False)],
+                         ids=["tun", "tun --tls", "tap (the server's MAC)"])
+def test_a_student_who_takes_the_servers_address_reaches_no_classmates_packet_to_it(lab, certs, mode, tls):
+    flags = (["-a"] if mode == "tap" else []) + (["--tls", certs["a"]] if tls else [])  # (one certificate for all)
+    server, alice, bob = class_of_two(lab, mode, *flags)
+    if mode == "tun":  # ip addr add 10.9.0.1/32 dev tun0; a packet from it, to a classmate
+        lab.ip("-n", lab.ns["d"], "addr", "add", "10.9.0.1/32", "dev", "tun0")
+        taken = "10.9.0.1"
+        probes(lab, "d", "10.9.0.1", "10.9.0.2", 2, 0.3)
+    else:  # ip link set tap0 address <the server's MAC>; then anything from it
+        taken = re.search(r"link/ether ([0-9a-f:]{17})", lab.ip("-n", lab.ns["s"], "link", "show", "tap0").stdout)[1]
+        lab.ip("-n", lab.ns["d"], "link", "set", "tap0", "address", taken)
+        probes(lab, "d", "10.9.0.3", "10.9.0.2", 2, 0.3)
+    wait_for(lambda: "192.0.3.2's packets from %s: that address is the server's" % taken in log_of(server),
+             "the server to name the student")
+    assert probes(lab, "c", "10.9.0.2", "10.9.0.1", 5, 1) == 5  # alice's packets still reach the server, not bob
+    assert server.poll() is None and "Traceback" not in log_of(server)
+
+
+FORGED_ARP = """
+import socket, struct, sys
+device, sender_ip, target_ip, to = sys.argv[1:5]  # an ARP reply "sender_ip is at my MAC", sent to `to`
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((device, 0))
+mine, to = s.getsockname()[4], bytes.fromhex(to.replace(":", ""))
+arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, mine, socket.inet_aton(sender_ip), to,
+                  socket.inet_aton(target_ip))
+for _ in range(3):
+    s.send(to + mine + struct.pack("!H", 0x0806) + arp)
+"""
+
+
+def neighbour(lab, side, address):
+    """The MAC address a host's ARP table has for `address` on its tap0."""
+    return lab.ip("-n", lab.ns[side], "neigh", "show", address, "dev", "tap0").stdout
+
+
+@pytest.mark.netns
+def test_a_students_forged_arp_replies_change_no_classmates_neighbour_table(lab):
+    server, alice, bob = class_of_two(lab, "tap", "-a")
+    macs = {side: re.search(r"link/ether ([0-9a-f:]{17})", lab.ip("-n", lab.ns[side], "link", "show", "tap0").stdout)[1]
+            for side in ("s", "c", "d")}
+    assert macs["s"] in neighbour(lab, "c", "10.9.0.1") and macs["c"] in neighbour(lab, "s", "10.9.0.2")
+    time.sleep(1.2)  # (an ARP entry newer than 1 s, locktime, takes no reply: the lies must be able to work)
+    for sender, target, to in (("10.9.0.1", "10.9.0.1", "ff:ff:ff:ff:ff:ff"),  # gratuitous: "I am the server"
+                               ("10.9.0.1", "10.9.0.2", macs["c"]),  # to alice: "the server is at my MAC"
+                               ("10.9.0.2", "10.9.0.1", macs["s"])):  # to the server: "alice is at my MAC"
+        subprocess.run(["ip", "netns", "exec", lab.ns["d"], sys.executable, "-c", FORGED_ARP, "tap0", sender, target,
+                        to], check=True, timeout=TIMEOUT)
+    time.sleep(0.3)
+    assert macs["s"] in neighbour(lab, "c", "10.9.0.1") and macs["c"] in neighbour(lab, "s", "10.9.0.2")
+    assert probes(lab, "c", "10.9.0.2", "10.9.0.1", 5, 1) == 5
+    assert "SERVER: dropping 192.0.3.2's packets from 10.9.0.1: that address is the server's" in log_of(server)
+    assert "SERVER: dropping 192.0.3.2's packets from 10.9.0.2: that address is 192.0.2.2's" in log_of(server)
+
+
+@pytest.mark.netns
+def test_class_clients_say_they_are_in_and_one_turned_away_by_a_full_class_says_so_once_until_it_is_back(lab):
+    cables = {"c": lab.SERVER_IP, "d": lab.add_host("d", 3), "e": lab.add_host("e", 4)}
+    server = lab.tunnel("s", "-i", "tun0", "-d", "--clients", "2", "--addr", "10.9.0.1/24")
+    wait_for(lambda: "listening" in log_of(server), "the server to listen")
+    lab.spawn("s", [sys.executable, "-c", UDP_ECHO, "10.9.0.1"], "echo-s.log")
+    students = {side: lab.spawn(side, [sys.executable, "-u", SCRIPT, "-i", "tun0", "-c", cables[side], "--addr",
+                                       "10.9.0.%d/24" % n] + (["--reconnect"] if side == "e" else []), side + ".log")
+                for side, n in (("c", 2), ("d", 3))}
+    wait_for(lambda: log_of(server).count("joined the class") == 2, "both to join")
+    assert [log_of(students[side]).splitlines() for side in "cd"] == [
+        ["CLIENT: connected to %s port 55555; the tunnel is up once a packet comes back through it" % cables[side]]
+        for side in "cd"]  # without -d: one line
+    wait_for(lambda: probes(lab, "c", "10.9.0.2", "10.9.0.1", 1, 0.5) == 1, "a first packet to come back")
+    assert "CLIENT: a first packet came back through the tunnel: the server serves this end" in log_of(students["c"])
+    late = lab.spawn("e", [sys.executable, "-u", SCRIPT, "-i", "tun0", "-c", cables["e"], "--addr", "10.9.0.4/24",
+                           "--reconnect"], "e.log")
+    wait_for(lambda: "all 2 slots of the class are taken" in log_of(server), "the first refusal")
+    time.sleep(3 * simpletun.RECONNECT_EVERY + 1)  # three more tries, each turned away
+    lines = log_of(late).splitlines()
+    assert len(lines) == 2 and "trying again every 3 s until it is back (--reconnect)" in lines[1], lines
+    students["d"].send_signal(signal.SIGTERM)  # a place comes free
+    wait_for(lambda: log_of(server).count("joined the class") == 3, "the late student to join", timeout=15)
+    wait_for(lambda: probes(lab, "e", "10.9.0.4", "10.9.0.1", 1, 0.5) == 1, "the late student's packet back")
+    assert re.search(r"CLIENT: back after \d+ s: a packet came back through the tunnel \(--reconnect\)",
+                     log_of(late)) and len(log_of(late).splitlines()) == 3, log_of(late)
+
+
 @pytest.mark.netns
 def test_class_client_beyond_the_slots_is_refused_on_both_ends_and_exits_1(lab):
     server = lab.tunnel("s", "-i", "tun0", "-d", "--clients", "2", "--addr", "10.9.0.1/24")
@@ -3344,7 +3447,7 @@ def test_class_client_beyond_the_slots_is_refused_on_both_ends_and_exits_1(lab):
     third = lab.tunnel("c", "-i", "tun4", "--addr", "10.9.0.4/24")
     lab.probe("c", count=1, wait=0.2)  # (a client proves itself with its first packet)
     assert third.wait(10) == 1
-    assert "all its --clients slots are taken" in log_of(third) and len(log_of(third).splitlines()) <= 2
+    assert "all its --clients slots are taken" in log_of(third) and len(log_of(third).splitlines()) <= 3
     assert "it proved itself, but all 2 slots of the class are taken (--clients)" in log_of(server)
 
 
