@@ -1490,7 +1490,7 @@ class DatagramLink(Link):
                     self.say_unanswered()
                     continue
                 # several datagrams at once (UDP_GRO): the kernel says their size, the last may be smaller
-                step = next((struct.unpack("=i", data)[0] for _, kind, data in notes if kind == UDP_GRO), size)
+                step = next((struct.unpack("=i", d)[0] for _, kind, d in notes if kind == UDP_GRO), size)
                 run = self.view[end:end + size]
                 for start in range(0, size, step or 1):
                     packet = self.admitted(sender, run[start:start + step], now)
@@ -1515,7 +1515,8 @@ class DatagramLink(Link):
         if sender != self.peer and not self.takes(sender, packet, now):
             return None
         if self.client and not self.heard_at:
-            log.warning("CLIENT: the first datagram came back from %s: the server serves this end", self.address)
+            log.warning("CLIENT: the first datagram came back from %s: the server serves this end",
+                        self.address)
         self.heard_at = now
         if self.unanswered is not None:  # an answer: a silence is over
             self.unanswered = None
@@ -1552,9 +1553,9 @@ class DatagramLink(Link):
 
     def serve_peer(self, peer):
         """Server: the served peer's datagrams come on a socket of its own, bound to the port and connected to
-        the peer (the kernel hands a connected socket its peer's datagrams alone), so that a stranger's flood
-        fills the port's socket, read within PORT_BUDGET, and not this one. SO_REUSEPORT lets two sockets share
-        the port; it is on only while this one binds, so that no other program can share it after."""
+        the peer (the kernel hands a connected socket its peer's datagrams alone), so that a stranger's
+        flood fills the port's socket, read within PORT_BUDGET, and not this one. SO_REUSEPORT lets two
+        sockets share the port; it is on only while this one binds: no other program can share it after."""
         if self.own is None:
             own = socket.socket(self.sock.family, socket.SOCK_DGRAM)
             try:
@@ -1633,16 +1634,16 @@ class DatagramLink(Link):
     def say_unanswered(self):
         """Client: the server's host answered with ICMP port unreachable. Say so once per silence."""
         if self.client:  # (a server's peer socket hears them too: its client has gone)
-            say_once(self.told, "unanswered", "CLIENT: nothing answers at %s port %d (ICMP port unreachable): is "
-                     "the server running, with --udp? The client goes on, and its packets are lost until it "
-                     "is", self.address, self.peer[1])
+            say_once(self.told, "unanswered", "CLIENT: nothing answers at %s port %d (ICMP port "
+                     "unreachable): is the server running, with --udp? The client goes on, and its packets are "
+                     "lost until it is", self.address, self.peer[1])
 
     def close(self):
         """Say how many datagrams were dropped, then close."""
         if self.dropped:
             log.warning("%s: dropped %d datagram(s) from other senders (%s)", "CLIENT" if self.client else
-                        "SERVER", self.dropped, "each named above" if not self.unnamed else "%d more in a flood "
-                        "of new senders, not named" % self.unnamed)
+                        "SERVER", self.dropped, "%d more in a flood of new senders, not named" % self.unnamed
+                        if self.unnamed else "each named above")
         for count, what in ((self.unsent, "could not be sent"), (self.malformed, "were no whole packets")):
             if count:
                 log.warning("%d packet(s) %s", count, what)
@@ -1728,8 +1729,9 @@ def udp_socket(args, key=None):
 #      destination (tap: broadcast, unknown: to all). Each client is an ExtraLink the room admits, with a
 #      handler of its own; it sends from the addresses it owns (first come, first served; tap: its MACs and
 #      the IP addresses its ARP and IP packets claim, as a switch's ARP inspection checks), to the device
-#      or straight to another client. The server's own addresses are never a client's: read from its device
-#      when a client joins, and whatever the device sends from. A client that stops reading loses its own packets.
+#      or straight to another client. The server's own addresses are never a client's: read from its
+#      device when a client joins, and whatever the device sends from. A client that stops reading loses
+#      its own packets.
 
 MAX_OWNED = 16  # addresses one client may own: a tunnel address or two, IPv6's, a bridge's MACs
 NEIGHBOR_ADVERTISEMENT = 136  # ICMPv6: "this address is at my MAC", IPv6's ARP reply
@@ -1748,7 +1750,7 @@ def packet_ends(packet, tap):
 
 def claimed_addresses(frame):
     """Tap: the IP addresses a frame's sender claims (ARP's sender, the IP source, what an IPv6 neighbour
-    advertisement says is its own; 0.0.0.0 and :: claim none), or None if its ARP names another MAC as sender."""
+    advertisement says is its own; 0.0.0.0 and :: claim none); None if its ARP names another sender MAC."""
     if len(frame) < ETHERNET.size:
         return []
     _, source, ethertype = ETHERNET.unpack_from(frame)
@@ -1763,13 +1765,14 @@ def claimed_addresses(frame):
     elif ethertype == ETHERTYPE_IPV6 and len(body) >= IPV6.size:
         _, _, next_header, _, ip_source, _ = IPV6.unpack_from(body)
         claims = [ip_source]
-        if next_header == ICMPV6 and len(body) >= IPV6.size + 24 and body[IPV6.size] == NEIGHBOR_ADVERTISEMENT:
-            claims.append(bytes(body[IPV6.size + 8:IPV6.size + 24]))  # its target: "this address is mine"
+        icmp = body[IPV6.size:]
+        if next_header == ICMPV6 and len(icmp) >= 24 and icmp[0] == NEIGHBOR_ADVERTISEMENT:
+            claims.append(bytes(icmp[8:24]))  # its target: "this address is mine"
     return [address for address in claims if any(address)]
 
 
 def device_addresses(name):
-    """The addresses a device has, as packet_ends() gives them: its IPv4 and IPv6 ones (ip), its MAC (sysfs)."""
+    """A device's addresses, as packet_ends() gives them: its IPv4 and IPv6 ones (ip), its MAC (sysfs)."""
     try:
         text = ip_command("-o", "addr", "show", "dev", name)
     except UserError:  # no such device (or no ip command): nothing to reserve
@@ -1799,7 +1802,7 @@ class Switch(Link):
         self.routed = set()  # clients' addresses the device sent from, which it does not have (see sent_from)
 
     def join(self, link):
-        """A client proved itself in the waiting room: it takes a slot (the server's addresses are kept first)."""
+        """A client proved itself in the waiting room: it takes a slot (the server's addresses first)."""
         for address in device_addresses(self.room.tunnel.name):
             self.reserve(address)
         self.routed.clear()
@@ -1865,7 +1868,7 @@ class Switch(Link):
         self.flush()
 
     def claims(self, packet, source):
-        """The addresses a packet says are its sender's: its source, and (tap) what claimed_addresses() finds."""
+        """The addresses a packet says are its sender's: its source, and (tap) what claimed_addresses() says."""
         if not self.tap:
             return (source,) if source else ()
         addresses = claimed_addresses(packet)
@@ -1889,8 +1892,8 @@ class Switch(Link):
         self.owners[address] = self
 
     def from_client(self, link, packet):
-        """NET2TAP: a client's packet is dropped if what it claims is another's (or the server's); one
-        for another client goes straight to it; True if it is for the device (tap: a broadcast goes to both)."""
+        """NET2TAP: a client's packet is dropped if what it claims is another's (or the server's); one for
+        another client goes straight to it; True if it is for the device (tap: a broadcast goes to both)."""
         source, destination = packet_ends(packet, self.tap)
         claims = self.claims(packet, source)
         if claims is None:
@@ -1901,8 +1904,8 @@ class Switch(Link):
                 owner = self.owners[address] = link
                 link.owned += 1
             if owner is not link:  # once per address of another's; once for the rest
-                return self.drop(link, owner and address, "from %s: %s", address_text(address),
-                                 "that address is %s's" % owner.address if owner else "it owns %d" % MAX_OWNED)
+                why = "that address is %s's" % owner.address if owner else "it owns %d" % MAX_OWNED
+                return self.drop(link, owner and address, "from %s: %s", address_text(address), why)
         to = self.owners.get(destination)
         if to is not self and (to or self.tap and destination[0] & 1):  # another client's, or a broadcast
             self.given.update(self.deliver(HEADER.pack(len(packet)) + packet, destination, link))
@@ -1911,15 +1914,15 @@ class Switch(Link):
     def drop(self, link, key, what, *args):
         """A client's packet that claims what is not its own: counted, and said once per key; False."""
         self.spoofed += 1
-        say_once(self.said, (link, key), "SERVER: dropping %s's packets " + what + " (counted, not logged again)",
-                 link.address, *args)
+        say_once(self.said, (link, key), "SERVER: dropping %s's packets " + what +
+                 " (counted, not logged again)", link.address, *args)
         return False
 
     def deliver(self, frame, destination, sender=None):
         """Queue a frame for its destination's owner (tap: none, or a broadcast: all but the sender)."""
         to = self.owners.get(destination)
-        given = [] if to is self else [to] if to else [c for c in self.clients if c is not sender] if self.tap \
-            else []
+        given = [] if to is self else [to] if to else \
+            [c for c in self.clients if c is not sender] if self.tap else []
         for link in given:
             if len(link.out) >= OUT_LIMIT:  # it takes nothing: packets for it are lost, not everyone's
                 self.lost += 1
@@ -2550,7 +2553,8 @@ def run_client_again(tunnel, host, port, make_link):
         if link and link.heard:  # it was back
             away = None
         if away is None:
-            log.warning("CLIENT: %s; trying again every %d s until it is back (--reconnect)", why, RECONNECT_EVERY)
+            log.warning("CLIENT: %s; trying again every %d s until it is back (--reconnect)", why,
+                        RECONNECT_EVERY)
             away = time.monotonic()
         time.sleep(RECONNECT_EVERY)
 
@@ -2586,8 +2590,8 @@ def extended_end(args):
                 return 1  # a datagram link has no orderly end: it ends only when it breaks
         if args.client:
             return (run_client_again if args.reconnect else run_client)(
-                tunnel, args.client, args.port, lambda sock, host, away=None: client_link(sock, host, args, tls,
-                                                                                          away))
+                tunnel, args.client, args.port,
+                lambda sock, host, away=None: client_link(sock, host, args, tls, away))
         serve_with_room(tunnel, args, tls)
     finally:
         os.close(tunnel.fd)
