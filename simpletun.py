@@ -1635,8 +1635,8 @@ class DatagramLink(Link):
         """Client: the server's host answered with ICMP port unreachable. Say so once per silence."""
         if self.client:  # (a server's peer socket hears them too: its client has gone)
             say_once(self.told, "unanswered", "CLIENT: nothing answers at %s port %d (ICMP port "
-                     "unreachable): is the server running, with --udp? The client goes on, and its packets are "
-                     "lost until it is", self.address, self.peer[1])
+                     "unreachable): is the server running, with --udp? The client goes on, and its packets "
+                     "are lost until it is", self.address, self.peer[1])
 
     def close(self):
         """Say how many datagrams were dropped, then close."""
@@ -1868,7 +1868,7 @@ class Switch(Link):
         self.flush()
 
     def claims(self, packet, source):
-        """The addresses a packet says are its sender's: its source, and (tap) what claimed_addresses() says."""
+        """What a packet says is its sender's: its source, and (tap) what claimed_addresses() finds."""
         if not self.tap:
             return (source,) if source else ()
         addresses = claimed_addresses(packet)
