@@ -1977,7 +1977,7 @@ class Timeline:
         self.waiting = []  # a heap of (stamp, arrival order, label, text)
         self.order = itertools.count()
         self.sources = {}  # pipe fd -> [label, unfinished line]
-        self.lines = collections.deque(maxlen=1000)  # (label, text) of the latest lines, for saw()
+        self.lines = collections.deque(maxlen=1000)  # (stamp, label, text) of the latest lines: saw(), journey()
 
     def launch(self, label, namespace, command):
         """Start a command in a namespace (start_in()); merge what it prints into the timeline."""
@@ -1996,11 +1996,11 @@ class Timeline:
         match = STAMP.match(line)
         stamp, text = (float(match.group(1)), match.group(2)) if match else (time.monotonic(), line)
         heapq.heappush(self.waiting, (stamp, next(self.order), label, text))
-        self.lines.append((label, text))
+        self.lines.append((stamp, label, text))
 
     def saw(self, label, text):
         """True if the process `label` has printed a line holding `text`."""
-        return any(label == who and text in line for who, line in self.lines)
+        return any(label == who and text in line for _, who, line in self.lines)
 
     def pump(self, until=lambda: False, timeout=None):
         """Read and print lines until until() holds (True) or timeout s pass (False)."""
@@ -2183,6 +2183,7 @@ def demo(args):
     ns = {side: "%s%d-%s" % (DEMO_PREFIX, os.getpid(), side[0])
           for side in hosts + (("lan",) if args.lan else ())}
     level = 0 if args.bench else args.debug or (0 if args.keep else 2)  # kept: quiet unless asked
+    level = max(level, 2) if args.diagram else level  # (the diagram is drawn from the -dd lines)
     options = ["-i", device] + (["-" + "d" * level] if level else []) + (["-a"] if args.tap else []) + \
         [option for flag in ("tls", "key") if getattr(args, flag)
          for option in ("--" + flag, os.path.abspath(getattr(args, flag)))] + \
@@ -2211,7 +2212,7 @@ def demo(args):
                  "a %s tunnel joins the server and its %d clients (--clients %d); each client pings the "
                  "server, then another client" % (mode, len(clients), len(clients)))
     timeline.say("\n".join(intro))
-    running, crossed, interrupted = {}, False, False
+    running, crossed, interrupted, diagram = {}, False, False, None
     script = [sys.executable, os.path.abspath(__file__), "--timestamps"]
     try:
         build_demo_hosts(ns)
@@ -2245,6 +2246,18 @@ def demo(args):
                 address, count, args.loss)))
             timeline.pump(lambda: pinger.poll() is not None)  # noqa: B023 (this pinger, waited for here)
             crossed = crossed and pinger.returncode == 0
+        if args.diagram:  # the first echo request; a class's first from a client to a client
+            side, address, to = pings[1] if args.clients > 1 else pings[0]
+            timeline.pump(timeout=Timeline.HOLD)  # (the ends' last lines of it)
+            carried = "udp" if args.udp else "tls" if args.tls else "two_writes" if args.two_writes else "tcp"
+            diagram = journey(timeline.lines, address, {host: host_of(DEMO_UNDERLAY[host]) for host in (
+                side, "server") + ((to,) if args.clients > 1 else ())}, carried)
+            if diagram and args.diagram != "-":
+                with open(args.diagram, "w") as f:
+                    f.write(diagram)
+            timeline.say("the journey of the first echo request as a Mermaid sequence diagram: %s (mmdc -i FILE -o "
+                         "journey.svg draws it)" % ("below" if args.diagram == "-" else args.diagram) if diagram else
+                         "no diagram: the first echo request had no reply")
         if args.bench:
             bench(ns, timeline, "%s mode%s" % (mode, " over UDP" if args.udp else ""))
         if args.keep:
@@ -2285,6 +2298,8 @@ def demo(args):
         timeline.say("all %d echo requests crossed the tunnel and their replies came back" % (count * len(
             pings)) if crossed else "FAILED: not every echo request came back through the tunnel")
     timeline.flush()
+    if diagram and args.diagram == "-":
+        sys.stdout.write(diagram)
     return 0 if crossed else 1
 
 
@@ -2335,6 +2350,68 @@ def keep_instructions(ns, client, target, transport, cable):
     width = max(len(command) for command, _ in commands)
     return "the tunnel stays up until Ctrl-C; its lines keep coming here. In another terminal, as root:\n" + \
         "\n".join("  ip netns exec %-*s   %s" % (width, command, what) for command, what in commands)
+
+
+NUMBERED = re.compile(r"(TAP2NET|NET2TAP) (\d+): ((Read|Written) (\d+) bytes)?(.*)")  # a packet's -d, -dd lines
+FORWARDED = re.compile(r"CLASS: \S+ -> (\S+): (\d+) bytes, forwarded")  # a class's packet, client to client
+CABLE = {"tcp": "TCP", "tls": "TLS records", "two_writes": "two writes (Nagle on)"}
+
+
+def journey(lines, target, hosts, cable):
+    """--diagram: the first echo request to `target` and its reply as a Mermaid sequence diagram, from the
+    timeline's `lines`; None if no reply came. hosts: {name: cable address} of the pinger, the server, (a
+    class) the target; cable: a key of CABLE."""
+    lines, names = sorted(lines), list(hosts)
+    start = next(t for t, who, text in lines if who == "ping" and text.startswith("echo request to %s:" % target))
+    end, said = next((t, text) for t, who, text in lines if who == "ping" and t > start and " icmp_seq=1 " in text)
+    if not said.startswith("reply"):
+        return None
+    window = [(t, who, text) for t, who, text in lines if start <= t <= end and who in hosts]
+    what = {(who, m[1], m[2]): re.sub(r" id=\d+| \(Ethernet.*| \(\d+ bytes\)", "", m[6]).replace(">", "to")
+            for _, who, text in window for m in [NUMBERED.match(text)] if m and not m[3]
+            and not m[6].startswith("on the wire")}  # the -dd line that says what a packet is
+    kept = {key for key, kind in what.items() if re.search(r"echo-(request|reply) seq=1$|^ARP", kind)}
+    pair = lambda host: [("D" + host, "the device on %s" % host), ("S" + host, "simpletun.py on %s" % host)]  # noqa
+    lifelines = [("ping", "ping on %s" % names[0])] + pair(names[0]) + [("C", "the cable")] + \
+        pair("server")[::-1] + [line for host in names[2:] for line in pair(host)[::-1]]
+    out = ["sequenceDiagram"] + ["    participant %s as %s" % line for line in lifelines]
+
+    def arrow(a, b, t, text):
+        out.append("    %s->>%s: %s (+%.2f ms)" % (a, b, re.sub(r"[;#\"']", "", text), (t - start) * 1000))
+
+    arrow("ping", "D" + names[0], start, "echo request, icmp_seq=1")
+    received = {host: [] for host in hosts}  # the receives that brought a packet not yet cut
+    for t, who, text in window:
+        m, forwarded = NUMBERED.match(text), FORWARDED.match(text)
+        if text.startswith("NET2TAP: a receive brought"):
+            received[who].append((t, text.split(": ", 1)[1].split(";")[0]))
+        elif forwarded and forwarded[1] in hosts.values():  # (it was never cut for the server's device)
+            to = next(host for host, address in hosts.items() if address == forwarded[1])
+            for when, brought in received.pop(who) + [(t, "CLASS: passed on to %s, %s bytes, a client to a "
+                                                           "client" % (to, forwarded[2]))]:
+                arrow(*(("S" + who, "C") if when == t else ("C", "S" + who)), when, brought)
+            received[who] = []
+        elif m and m[4] and (who, m[1], m[2]) in kept:
+            direction, n, verb, size = m[1], m[2], m[4], m[5]
+            if direction == "TAP2NET" and verb == "Read":
+                arrow("D" + who, "S" + who, t, "TAP2NET %s: read %s bytes, %s" % (n, size, what[who, direction, n]))
+            elif direction == "TAP2NET":
+                arrow("S" + who, "C", t, "TAP2NET %s: one datagram of %s bytes" % (n, size) if cable == "udp" else
+                      "TAP2NET %s: a frame of %d bytes, its 2-byte length then the %s, in %s" % (
+                          n, int(size) + HEADER.size, size, CABLE[cable]))
+            elif verb == "Read":
+                for when, brought in received[who]:
+                    arrow("C", "S" + who, when, brought)
+                arrow(*(("C", "S" + who) if cable == "udp" else ("S" + who, "S" + who)), t, "NET2TAP %s: %s" % (
+                    n, "one datagram, one packet of %s bytes" % size if cable == "udp" else "cut a packet of %s "
+                    "bytes" % size))
+                received[who] = []
+            else:
+                arrow("S" + who, "D" + who, t, "NET2TAP %s: wrote %s bytes to the device" % (n, size))
+    arrow("D" + names[0], "ping", end, "echo reply, icmp_seq=1")
+    out.append("    Note over ping,%s: round trip %s, as ping measured it" % (lifelines[-1][0],
+                                                                            said.split("time=")[1]))
+    return "\n".join(out) + "\n"
 
 
 def bench(ns, timeline, mode):
@@ -2467,6 +2544,8 @@ def parse_args(argv=None):
                       help="the demo's cable loses PCT %% of packets each way")
     demo.add_argument("--delay", metavar="MS", default=0, type=number_between(0, 1e4, "a delay in ms", float),
                       help="the demo's cable delays each packet MS ms (needs netem)")
+    demo.add_argument("--diagram", metavar="FILE", help="write the journey of the first ping through the tunnel "
+                      "to FILE as a Mermaid sequence diagram (-: after the timeline)")
     demo.add_argument("--bench", action="store_true", help="measure TCP throughput and ping over the demo's "
                       "cable and through its tunnel")
     parser.add_argument("--timestamps", action="store_true", help=argparse.SUPPRESS)  # the demo's ends

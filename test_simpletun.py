@@ -1183,19 +1183,52 @@ def clean_demo(tmp_path):
         subprocess.run(["ip", "netns", "del", name])
 
 
+def assert_diagram_is_the_runs_first_ping(path, out, target, hosts, cable_says):
+    """The --diagram file: Mermaid sequence-diagram lines only; the lifelines in order; one arrow per event of the
+    first echo request and its reply, in time order, each arrow's numbers and time as the run's timeline has them."""
+    lines = open(path).read().splitlines()
+    lifelines = re.findall(r"^    participant (\w+) as [^;#\"':\n]+$", "\n".join(lines), re.M)
+    ends = [["D" + host, "S" + host] for host in hosts]
+    assert lifelines == ["ping"] + ends[0] + ["C", "Sserver", "Dserver"] + [i for e in ends[2:] for i in e[::-1]]
+    arrows = [re.fullmatch(r"    (\w+)->>(\w+): ([^;#\"']+) \(\+([\d.]+) ms\)", line) for line in lines[1 + len(lifelines):-1]]
+    assert lines[0] == "sequenceDiagram" and all(arrows), lines
+    assert re.fullmatch(r"    Note over ping,\w+: round trip [\d.]+ ms, as ping measured it", lines[-1])
+    times = [float(a[4]) for a in arrows]
+    assert times == sorted(times) and arrows[0].group(1, 2) == ("ping", "D" + hosts[0]) and arrows[-1][2] == "ping"
+    request = float(re.search(r"^ *([\d.]+) ping  \| echo request to %s: icmp_seq=1$" % target, out, re.M)[1])
+    for a in arrows:
+        numbers = re.match(r"(TAP2NET|NET2TAP) (\d+): (read|wrote|cut a packet of|one datagram, one packet of) (\d+)",
+                           a[3])
+        if numbers:  # TAP2NET n read, NET2TAP n cut (or one datagram), written: that host's line of that packet
+            host = (a[1] if numbers[3] == "read" else a[2])[1:]
+            verb = "Read" if numbers[3] != "wrote" else "Written"
+            seen = re.search(r"^ *([\d.]+) %s *\| %s %s: %s %s bytes" % (host, numbers[1], numbers[2], verb, numbers[4]),
+                             out, re.M)
+            assert seen and abs((float(seen[1]) - request) * 1000 - float(a[4])) < 1.5, (a[0], out)
+    text = "\n".join(lines)
+    assert cable_says in text and text.count("echo-request seq=1") == text.count("echo-reply seq=1") == 1
+    return text
+
+
 @pytest.mark.netns
 @pytest.mark.parametrize("mode, device", [([], "tun0"), (["-a"], "tap0")])
-def test_demo_shows_pings_crossing_and_leaves_nothing_behind(clean_demo, mode, device):
+def test_demo_shows_pings_crossing_and_leaves_nothing_behind(clean_demo, tmp_path, mode, device):
     # A namespace as a killed demo would leave it: named after a process that no longer exists.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = "%s%d-s" % (simpletun.DEMO_PREFIX, dead.pid)
     subprocess.run(["ip", "netns", "add", stale], check=True)
 
-    result = clean_demo.run(*mode, timeout=60)
+    result = clean_demo.run(*mode, "--diagram", str(tmp_path / "journey.mmd"), timeout=60)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
-    assert "removed %s, left behind by an earlier demo" % stale in out
+    # (another suite's demo, beside this one, may have removed it first: then it is gone all the same)
+    assert "removed %s, left behind by an earlier demo" % stale in out or stale not in subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True).stdout
+    drawn = assert_diagram_is_the_runs_first_ping(tmp_path / "journey.mmd", out, "10.0.0.1", ["client", "server"],
+                                                  "its 2-byte length then the")
+    assert ("ARP who-has 10.0.0.1 tell 10.0.0.2" in drawn) == bool(mode)  # -a: the ARP exchange first
+    assert "a Mermaid sequence diagram: %s" % (tmp_path / "journey.mmd") in out
     assert "reply from 10.0.0.1: icmp_seq=%d" % simpletun.DEMO_PINGS in out
     for side, direction, what in (("client", "TAP2NET", "echo-request"), ("server", "NET2TAP", "echo-request"),
                                   ("server", "TAP2NET", "echo-reply"), ("client", "NET2TAP", "echo-reply")):
@@ -2420,8 +2453,8 @@ def test_demo_keep_stays_up_streams_the_timeline_and_cleans_up_on_sigterm(clean_
 
 
 @pytest.mark.netns
-def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_demo):
-    result = clean_demo.run("--clients", "3", timeout=60)
+def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_demo, tmp_path):
+    result = clean_demo.run("--clients", "3", "--diagram", str(tmp_path / "journey.mmd"), timeout=60)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "four hosts, each a network namespace, joined by veth pairs to a bridge, br0" in out
@@ -2440,11 +2473,16 @@ def test_demo_class_of_three_pings_the_server_and_each_other_through_it(clean_de
         assert there and back and max(there.start(), back.start()) < reply, ours[:3000]
     assert "all 6 echo requests crossed the tunnel and their replies came back" in out
     assert "removed all four namespaces" in out and clean_demo.left() == []
+    drawn = assert_diagram_is_the_runs_first_ping(tmp_path / "journey.mmd", out, "10.0.0.4", ["alice", "server", "carol"],
+                                                  "in TCP")
+    assert "Sserver->>C: CLASS: passed on to carol" in drawn and "Sserver->>C: CLASS: passed on to alice" in drawn
+    assert "->>Dserver" not in drawn  # the server's own device never sees a packet between two clients
 
 
 @pytest.mark.netns
-def test_demo_class_kept_in_tap_mode_with_tls_stays_up_and_cleans_up_on_sigterm(clean_demo, certs):
-    demo = clean_demo.start("--clients", "2", "-a", "--tls", str(certs["a"]), "--keep", start_new_session=True)
+def test_demo_class_kept_in_tap_mode_with_tls_stays_up_and_cleans_up_on_sigterm(clean_demo, certs, tmp_path):
+    demo = clean_demo.start("--clients", "2", "-a", "--tls", str(certs["a"]), "--keep", "--diagram",
+                            str(tmp_path / "journey.mmd"), start_new_session=True)
     try:
         out = LineReader(demo)
         out.wait_for("the tunnel stays up until Ctrl-C")
@@ -2458,6 +2496,9 @@ def test_demo_class_kept_in_tap_mode_with_tls_stays_up_and_cleans_up_on_sigterm(
     assert "interrupted: stopping every end" in out.text() and clean_demo.left() == []
     assert "all 4 echo requests crossed the tunnel and their replies came back" in out.text()
     assert out.text().count("(TLSv1.3, pinned certificate)") == 2 and "tap0 10.0.0.3/24" in out.text()
+    drawn = assert_diagram_is_the_runs_first_ping(tmp_path / "journey.mmd", out.text(), "10.0.0.3",
+                                                  ["alice", "server", "bob"], "in TLS records")
+    assert "ARP who-has 10.0.0.3 tell 10.0.0.2" in drawn and "CLASS: passed on to bob" in drawn
 
 
 @pytest.mark.netns
@@ -3646,9 +3687,13 @@ def test_demo_lan_pings_a_host_behind_the_server_through_the_tunnel(clean_demo, 
 
 
 @pytest.mark.netns
-def test_demo_two_writes_shows_the_receiver_getting_the_length_alone(clean_demo):
-    result = clean_demo.run("--two-writes", timeout=60)
+def test_demo_two_writes_shows_the_receiver_getting_the_length_alone(clean_demo, tmp_path):
+    result = clean_demo.run("--two-writes", "--diagram", str(tmp_path / "journey.mmd"), timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+    drawn = assert_diagram_is_the_runs_first_ping(tmp_path / "journey.mmd", result.stdout, "10.0.0.1",
+                                                  ["client", "server"], "in two writes (Nagle on)")
+    assert re.search(r"C->>Sserver: a receive brought 2 bytes from TCP: 0 whole frame\(s\) .*\n.*C->>Sserver: a "
+                     r"receive brought 61 bytes", drawn)  # the length alone, then the packet: the stall between
     # The length went at once; Nagle held the packet until the length was acknowledged.
     assert re.search(r"server\| NET2TAP: a receive brought 2 bytes from TCP: 0 whole frame\(s\); 2 of the next "
                      r"frame's 63 bytes wait", result.stdout), result.stdout
@@ -3656,10 +3701,14 @@ def test_demo_two_writes_shows_the_receiver_getting_the_length_alone(clean_demo)
 
 
 @pytest.mark.netns
-def test_demo_udp_crosses_in_datagrams(clean_demo):
-    result = clean_demo.run("--udp", timeout=60)
+def test_demo_udp_crosses_in_datagrams(clean_demo, tmp_path):
+    result = clean_demo.run("--udp", "--diagram", "-", timeout=60)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
+    (tmp_path / "journey.mmd").write_text(out[out.index("sequenceDiagram"):])  # -: after the timeline
+    drawn = assert_diagram_is_the_runs_first_ping(tmp_path / "journey.mmd", out, "10.0.0.1", ["client", "server"],
+                                                  "one datagram of 61 bytes")
+    assert "C->>Sserver: NET2TAP" in drawn and "receive brought" not in drawn
     assert "Configured tun0: MTU 1452, address 10.0.0.1/24, up" in out
     assert "SERVER: listening on UDP port 55555" in out and "SERVER: serving 192.0.2.2 port " in out
     assert "Written 61 bytes to the network (one datagram: no length in front" in out
