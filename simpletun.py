@@ -2360,7 +2360,7 @@ CABLE = {"tcp": "TCP", "tls": "TLS records", "two_writes": "two writes (Nagle on
 def journey(lines, target, hosts, cable):
     """--diagram: the first echo request to `target` and its reply as a Mermaid sequence diagram, from the
     timeline's `lines`; None if no reply came. hosts: {name: cable address} of the pinger, the server, (a
-    class) the target; cable: a key of CABLE."""
+    class) the target; cable: "udp" or a key of CABLE."""
     lines, names = sorted(lines), list(hosts)
     start = next(t for t, who, text in lines if who == "ping" and text.startswith("echo request to %s:" % target))
     end, said = next((t, text) for t, who, text in lines if who == "ping" and t > start and " icmp_seq=1 " in text)
@@ -2375,40 +2375,36 @@ def journey(lines, target, hosts, cable):
     lifelines = [("ping", "ping on %s" % names[0])] + pair(names[0]) + [("C", "the cable")] + \
         pair("server")[::-1] + [line for host in names[2:] for line in pair(host)[::-1]]
     out = ["sequenceDiagram"] + ["    participant %s as %s" % line for line in lifelines]
-
-    def arrow(a, b, t, text):
-        out.append("    %s->>%s: %s (+%.2f ms)" % (a, b, re.sub(r"[;#\"']", "", text), (t - start) * 1000))
-
-    arrow("ping", "D" + names[0], start, "echo request, icmp_seq=1")
-    received = {host: [] for host in hosts}  # the receives that brought a packet not yet cut
+    events = [("ping", "D" + names[0], start, "echo request, icmp_seq=1")]
+    received = collections.defaultdict(list)  # a host's receives that brought what it has not cut yet
     for t, who, text in window:
-        m, forwarded = NUMBERED.match(text), FORWARDED.match(text)
+        m, forwarded, here = NUMBERED.match(text), FORWARDED.match(text), "S" + who
         if text.startswith("NET2TAP: a receive brought"):
-            received[who].append((t, text.split(": ", 1)[1].split(";")[0]))
-        elif forwarded and forwarded[1] in hosts.values():  # (it was never cut for the server's device)
+            received[who].append(("C", here, t, text.split(": ", 1)[1].split(";")[0]))
+        elif forwarded and forwarded[1] in hosts.values():  # (never cut for the server's own device)
             to = next(host for host, address in hosts.items() if address == forwarded[1])
-            for when, brought in received.pop(who) + [(t, "CLASS: passed on to %s, %s bytes, a client to a "
-                                                           "client" % (to, forwarded[2]))]:
-                arrow(*(("S" + who, "C") if when == t else ("C", "S" + who)), when, brought)
-            received[who] = []
-        elif m and m[4] and (who, m[1], m[2]) in kept:
-            direction, n, verb, size = m[1], m[2], m[4], m[5]
+            events += received.pop(who, []) + [(here, "C", t, "CLASS: passed on to %s, %s bytes, a client to a "
+                                                             "client" % (to, forwarded[2]))]
+        elif m and m[4]:
+            (direction, n, verb, size), key = m.group(1, 2, 4, 5), (who, m[1], m[2])
+            cut = received.pop(who, []) if direction == "NET2TAP" and verb == "Read" else []
+            if key not in kept:
+                continue
             if direction == "TAP2NET" and verb == "Read":
-                arrow("D" + who, "S" + who, t, "TAP2NET %s: read %s bytes, %s" % (n, size, what[who, direction, n]))
+                events.append(("D" + who, here, t, "TAP2NET %s: read %s bytes, %s" % (n, size, what[key])))
             elif direction == "TAP2NET":
-                arrow("S" + who, "C", t, "TAP2NET %s: one datagram of %s bytes" % (n, size) if cable == "udp" else
-                      "TAP2NET %s: a frame of %d bytes, its 2-byte length then the %s, in %s" % (
-                          n, int(size) + HEADER.size, size, CABLE[cable]))
+                events.append((here, "C", t, "TAP2NET %s: one datagram of %s bytes" % (n, size) if cable == "udp"
+                               else "TAP2NET %s: a frame of %d bytes, its 2-byte length then the %s, in %s"
+                               % (n, int(size) + HEADER.size, size, CABLE[cable])))
             elif verb == "Read":
-                for when, brought in received[who]:
-                    arrow("C", "S" + who, when, brought)
-                arrow(*(("C", "S" + who) if cable == "udp" else ("S" + who, "S" + who)), t, "NET2TAP %s: %s" % (
-                    n, "one datagram, one packet of %s bytes" % size if cable == "udp" else "cut a packet of %s "
-                    "bytes" % size))
-                received[who] = []
+                events += cut + [("C", here, t, "NET2TAP %s: one datagram, one packet of %s bytes" % (n, size))
+                                 if cable == "udp" else (here, here, t, "NET2TAP %s: cut a packet of %s bytes"
+                                                         % (n, size))]
             else:
-                arrow("S" + who, "D" + who, t, "NET2TAP %s: wrote %s bytes to the device" % (n, size))
-    arrow("D" + names[0], "ping", end, "echo reply, icmp_seq=1")
+                events.append((here, "D" + who, t, "NET2TAP %s: wrote %s bytes to the device" % (n, size)))
+    events.append(("D" + names[0], "ping", end, "echo reply, icmp_seq=1"))
+    out += ["    %s->>%s: %s (+%.2f ms)" % (a, b, re.sub(r"[;#\"']", "", text), (t - start) * 1000)
+            for a, b, t, text in events]
     out.append("    Note over ping,%s: round trip %s, as ping measured it" % (lifelines[-1][0],
                                                                             said.split("time=")[1]))
     return "\n".join(out) + "\n"
