@@ -2261,7 +2261,7 @@ def demo(args):
         if args.bench:
             bench(ns, timeline, "%s mode%s" % (mode, " over UDP" if args.udp else ""))
         if args.keep:
-            timeline.say(keep_instructions(ns, *pings[-1][:2], "udp" if args.udp else "tcp", cable))
+            timeline.say(keep_instructions(ns, pings, "udp" if args.udp else "tcp", cable))
             timeline.pump()  # until Ctrl-C or SIGTERM
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: clean up all the same, and say so
         interrupted = True
@@ -2335,18 +2335,19 @@ def host_of(cidr):
     return cidr.split("/")[0]
 
 
-def keep_instructions(ns, client, target, transport, cable):
-    """--keep: commands to paste into another terminal (as root) to explore the hosts."""
-    c, s = ns[client], ns["server"]
+def keep_instructions(ns, pings, transport, cable):
+    """--keep: commands to paste into another terminal (as root) to explore every host: a shell on each, each
+    ping of the demo again, the cable, the route and the socket."""
+    c, s = ns[pings[0][0]], ns["server"]
     on_cable, socket_kind = {"tcp": ("the frames inside TCP, on the cable", "the tunnel's TCP connection"),
                           "udp": ("the datagrams, on the cable", "the tunnel's UDP socket")}[transport]
-    commands = [("%s bash" % c, "a shell on the client host"),
-                ("%s ping %s" % (c, target), "ping through the tunnel"),
-                ("%s tcpdump -ni %s -X %s port %d" % (s, cable, transport, PORT), on_cable),
-                ("%s ip route" % c, "the route into the tunnel"),
-                ("%s ss -%si" % (c, transport[0]), socket_kind)]
+    commands = [("%s bash" % ns[host], "a shell on the %s host" % host) for host in ns] + \
+        [("%s ping %s" % (ns[side], address), "%s pings %s through the tunnel" % (side, to or address))
+         for side, address, to in pings] + \
+        [("%s tcpdump -ni %s -X %s port %d" % (s, cable, transport, PORT), on_cable),
+         ("%s ip route" % c, "the route into the tunnel"), ("%s ss -%si" % (c, transport[0]), socket_kind)]
     if "lan" in ns:
-        commands.insert(4, ("%s tcpdump -ni lan0" % ns["lan"], "what the LAN host sees"))
+        commands.insert(-2, ("%s tcpdump -ni lan0" % ns["lan"], "what the LAN host sees"))
     width = max(len(command) for command, _ in commands)
     return "the tunnel stays up until Ctrl-C; its lines keep coming here. In another terminal, as root:\n" + \
         "\n".join("  ip netns exec %-*s   %s" % (width, command, what) for command, what in commands)

@@ -2486,7 +2486,8 @@ def test_demo_class_kept_in_tap_mode_with_tls_stays_up_and_cleans_up_on_sigterm(
     try:
         out = LineReader(demo)
         out.wait_for("the tunnel stays up until Ctrl-C")
-        for wanted in (" ping 10.0.0.2 ", "tcpdump -ni br0 -X tcp port 55555"):
+        for wanted in ("-s bash ", "-a bash ", "-b bash ", "-a ping 10.0.0.1 ", "-a ping 10.0.0.3 ", "-b ping 10.0.0.1 ",
+                       "-b ping 10.0.0.2 ", "tcpdump -ni br0 -X tcp port 55555"):  # every host, every ping
             out.wait_for(wanted)
     finally:
         demo.send_signal(signal.SIGTERM)
