@@ -1474,8 +1474,7 @@ class DatagramLink(Link):
         return number, packet, tag.digest()
 
     def receive(self):
-        """Take the datagrams waiting -- the served peer's own socket first, then the port's (strangers',
-        a newcomer's) within PORT_BUDGET -- keeping our peer's packets for cut(); None if none is."""
+        """Take what waits on the peer's socket, then PORT_BUDGET of the port's; keep our peer's for cut()."""
         self.packets.clear()
         end, now = 0, time.monotonic()
         for sock, budget in ((self.own, MAX_BATCH), (self.sock, PORT_BUDGET if self.own else MAX_BATCH)):
@@ -1552,16 +1551,14 @@ class DatagramLink(Link):
         return True
 
     def serve_peer(self, peer):
-        """Server: the served peer's datagrams come on a socket of its own, bound to the port and connected to
-        the peer (the kernel hands a connected socket its peer's datagrams alone), so that a stranger's
-        flood fills the port's socket, read within PORT_BUDGET, and not this one. SO_REUSEPORT lets two
-        sockets share the port; it is on only while this one binds: no other program can share it after."""
+        """Server: a socket of the peer's own, on the port, connected to it: the kernel hands it that peer's
+        datagrams alone, and a stranger's flood fills the port's socket (read PORT_BUDGET at once), not this.
+        SO_REUSEPORT lets the two share the port, on only while this one binds: no other program can after."""
         if self.own is None:
             own = socket.socket(self.sock.family, socket.SOCK_DGRAM)
             try:
-                if own.family == socket.AF_INET6:  # as the port's: IPv4 peers too
-                    own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, self.sock.getsockopt(
-                        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+                if own.family == socket.AF_INET6:  # IPv4 peers too, as on the port's socket
+                    own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 for sock in (self.sock, own):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 own.bind(self.sock.getsockname())
@@ -1576,8 +1573,7 @@ class DatagramLink(Link):
         self.own.connect(peer)  # (a new peer: the same socket, connected anew)
 
     def opened(self, datagram):
-        """--key: the packet inside a datagram whose tag is right and whose number is new; None for a wrong
-        tag, False for a number taken before."""
+        """--key: the packet in a datagram with a right tag and a new number (None: wrong tag; False: old)."""
         if len(datagram) < KEY_OVERHEAD:
             return None
         tag = self.opener.copy()
@@ -1596,9 +1592,8 @@ class DatagramLink(Link):
         return datagram[NUMBER.size:-TAG_SIZE]
 
     def drop(self, sender, why, now):
-        """Drop a datagram that is not our peer's: count it; name a new sender once, unless NAMES_AT_ONCE were
-        named in the last NAMING_TIME s (a flood of spoofed senders: counted). The latest MAX_STRANGERS named
-        are remembered: a new one, after a flood of others, is named as soon as the flood ends."""
+        """Count a datagram not our peer's; name a new sender once, NAMES_AT_ONCE per NAMING_TIME s at most (a
+        flood of spoofed ones is counted); the latest named are remembered, not the first forever."""
         self.dropped += 1
         if sender in self.strangers:
             return
@@ -1654,8 +1649,7 @@ class DatagramLink(Link):
 
 
 class UdpClock(selectors.DefaultSelector):
-    """The --udp selector: waits as the loop asks, but not past the link's next tick(); and watches the
-    served peer's own socket, once there is one, as relay() watches the link's."""
+    """The --udp selector: waits as the loop asks, not past the link's next tick(); watches the peer's own."""
 
     def __init__(self, link):
         super().__init__()
@@ -1695,8 +1689,7 @@ def tune_datagrams(sock):
 
 
 def udp_socket(args, key=None):
-    """--udp: the server's bound socket, or the client's connected one (the kernel hands it only the server's
-    datagrams, and ICMP errors), in its link."""
+    """--udp: the server's bound socket, or the client's connected one (the server's only), in a link."""
     try:
         if args.client:
             family, _, _, _, address = socket.getaddrinfo(args.client, args.port, type=socket.SOCK_DGRAM)[0]
@@ -1749,8 +1742,8 @@ def packet_ends(packet, tap):
 
 
 def claimed_addresses(frame):
-    """Tap: the IP addresses a frame's sender claims (ARP's sender, the IP source, what an IPv6 neighbour
-    advertisement says is its own; 0.0.0.0 and :: claim none); None if its ARP names another sender MAC."""
+    """Tap: the IP addresses a frame claims (ARP's sender, the IP source, a neighbour advertisement's target;
+    not 0.0.0.0 or ::) as its sender's; None if its ARP names another sender MAC than the frame's."""
     if len(frame) < ETHERNET.size:
         return []
     _, source, ethertype = ETHERNET.unpack_from(frame)
@@ -1875,8 +1868,7 @@ class Switch(Link):
         return None if addresses is None else [source] + addresses
 
     def sent_from(self, address):
-        """The server's device sent from an address: the server's, unless a client has it and the device does
-        not (the server's kernel routed a client's packet back out: it stays the client's)."""
+        """The device sent from an address: the server's, unless a client's it has not (routed back out)."""
         if address not in self.routed:
             if self.owners.get(address) is None or address in device_addresses(self.room.tunnel.name):
                 return self.reserve(address)
@@ -1977,7 +1969,7 @@ class Timeline:
         self.waiting = []  # a heap of (stamp, arrival order, label, text)
         self.order = itertools.count()
         self.sources = {}  # pipe fd -> [label, unfinished line]
-        self.lines = collections.deque(maxlen=1000)  # (stamp, label, text) of the latest lines: saw(), journey()
+        self.lines = collections.deque(maxlen=1000)  # the latest (stamp, label, text): saw(), journey()
 
     def launch(self, label, namespace, command):
         """Start a command in a namespace (start_in()); merge what it prints into the timeline."""
@@ -2255,9 +2247,9 @@ def demo(args):
             if diagram and args.diagram != "-":
                 with open(args.diagram, "w") as f:
                     f.write(diagram)
-            timeline.say("the journey of the first echo request as a Mermaid sequence diagram: %s (mmdc -i FILE -o "
-                         "journey.svg draws it)" % ("below" if args.diagram == "-" else args.diagram) if diagram else
-                         "no diagram: the first echo request had no reply")
+            where = "below" if args.diagram == "-" else args.diagram
+            timeline.say("the first echo request's journey, a Mermaid sequence diagram: %s (mmdc -i FILE "
+                         "-o journey.svg)" % where if diagram else "no diagram: the first ping failed")
         if args.bench:
             bench(ns, timeline, "%s mode%s" % (mode, " over UDP" if args.udp else ""))
         if args.keep:
@@ -2336,8 +2328,7 @@ def host_of(cidr):
 
 
 def keep_instructions(ns, pings, transport, cable):
-    """--keep: commands to paste into another terminal (as root) to explore every host: a shell on each, each
-    ping of the demo again, the cable, the route and the socket."""
+    """--keep: commands to paste in another terminal (as root): a shell on each host, each ping, the cable."""
     c, s = ns[pings[0][0]], ns["server"]
     on_cable, socket_kind = {"tcp": ("the frames inside TCP, on the cable", "the tunnel's TCP connection"),
                           "udp": ("the datagrams, on the cable", "the tunnel's UDP socket")}[transport]
@@ -2353,18 +2344,18 @@ def keep_instructions(ns, pings, transport, cable):
         "\n".join("  ip netns exec %-*s   %s" % (width, command, what) for command, what in commands)
 
 
-NUMBERED = re.compile(r"(TAP2NET|NET2TAP) (\d+): ((Read|Written) (\d+) bytes)?(.*)")  # a packet's -d, -dd lines
+NUMBERED = re.compile(r"(TAP2NET|NET2TAP) (\d+): ((Read|Written) (\d+) bytes)?(.*)")  # -d, -dd lines
 FORWARDED = re.compile(r"CLASS: \S+ -> (\S+): (\d+) bytes, forwarded")  # a class's packet, client to client
 CABLE = {"tcp": "TCP", "tls": "TLS records", "two_writes": "two writes (Nagle on)"}
 
 
 def journey(lines, target, hosts, cable):
-    """--diagram: the first echo request to `target` and its reply as a Mermaid sequence diagram, from the
-    timeline's `lines`; None if no reply came. hosts: {name: cable address} of the pinger, the server, (a
-    class) the target; cable: "udp" or a key of CABLE."""
+    """--diagram: the first echo request to `target` and its reply, as the timeline's `lines` show them, as a
+    Mermaid sequence diagram (None if no reply came); hosts: {name: cable address}, the pinger's first."""
     lines, names = sorted(lines), list(hosts)
-    start = next(t for t, who, text in lines if who == "ping" and text.startswith("echo request to %s:" % target))
-    end, said = next((t, text) for t, who, text in lines if who == "ping" and t > start and " icmp_seq=1 " in text)
+    pinged = [(t, text) for t, who, text in lines if who == "ping"]
+    start = next(t for t, text in pinged if text.startswith("echo request to %s:" % target))
+    end, said = next((t, text) for t, text in pinged if t > start and " icmp_seq=1 " in text)
     if not said.startswith("reply"):
         return None
     window = [(t, who, text) for t, who, text in lines if start <= t <= end and who in hosts]
@@ -2372,7 +2363,7 @@ def journey(lines, target, hosts, cable):
             for _, who, text in window for m in [NUMBERED.match(text)] if m and not m[3]
             and not m[6].startswith("on the wire")}  # the -dd line that says what a packet is
     kept = {key for key, kind in what.items() if re.search(r"echo-(request|reply) seq=1$|^ARP", kind)}
-    pair = lambda host: [("D" + host, "the device on %s" % host), ("S" + host, "simpletun.py on %s" % host)]  # noqa
+    pair = lambda host: [("D" + host, "the device on " + host), ("S" + host, "simpletun.py on " + host)]
     lifelines = [("ping", "ping on %s" % names[0])] + pair(names[0]) + [("C", "the cable")] + \
         pair("server")[::-1] + [line for host in names[2:] for line in pair(host)[::-1]]
     out = ["sequenceDiagram"] + ["    participant %s as %s" % line for line in lifelines]
@@ -2384,8 +2375,8 @@ def journey(lines, target, hosts, cable):
             received[who].append(("C", here, t, text.split(": ", 1)[1].split(";")[0]))
         elif forwarded and forwarded[1] in hosts.values():  # (never cut for the server's own device)
             to = next(host for host, address in hosts.items() if address == forwarded[1])
-            events += received.pop(who, []) + [(here, "C", t, "CLASS: passed on to %s, %s bytes, a client to a "
-                                                             "client" % (to, forwarded[2]))]
+            events += received.pop(who, []) + [(here, "C", t, "CLASS: passed on to %s, %s bytes, a client to "
+                                                             "a client" % (to, forwarded[2]))]
         elif m and m[4]:
             (direction, n, verb, size), key = m.group(1, 2, 4, 5), (who, m[1], m[2])
             cut = received.pop(who, []) if direction == "NET2TAP" and verb == "Read" else []
@@ -2394,11 +2385,11 @@ def journey(lines, target, hosts, cable):
             if direction == "TAP2NET" and verb == "Read":
                 events.append(("D" + who, here, t, "TAP2NET %s: read %s bytes, %s" % (n, size, what[key])))
             elif direction == "TAP2NET":
-                events.append((here, "C", t, "TAP2NET %s: one datagram of %s bytes" % (n, size) if cable == "udp"
-                               else "TAP2NET %s: a frame of %d bytes, its 2-byte length then the %s, in %s"
-                               % (n, int(size) + HEADER.size, size, CABLE[cable])))
+                events.append((here, "C", t, "TAP2NET %s: one datagram of %s bytes" % (n, size) if cable ==
+                               "udp" else "TAP2NET %s: a frame of %d bytes, its 2-byte length then the %s, "
+                               "in %s" % (n, int(size) + HEADER.size, size, CABLE[cable])))
             elif verb == "Read":
-                events += cut + [("C", here, t, "NET2TAP %s: one datagram, one packet of %s bytes" % (n, size))
+                events += cut + [("C", here, t, "NET2TAP %s: one datagram, a packet of %s bytes" % (n, size))
                                  if cable == "udp" else (here, here, t, "NET2TAP %s: cut a packet of %s bytes"
                                                          % (n, size))]
             else:
@@ -2541,7 +2532,7 @@ def parse_args(argv=None):
                       help="the demo's cable loses PCT %% of packets each way")
     demo.add_argument("--delay", metavar="MS", default=0, type=number_between(0, 1e4, "a delay in ms", float),
                       help="the demo's cable delays each packet MS ms (needs netem)")
-    demo.add_argument("--diagram", metavar="FILE", help="write the journey of the first ping through the tunnel "
+    demo.add_argument("--diagram", metavar="FILE", help="write the first ping's journey through the tunnel "
                       "to FILE as a Mermaid sequence diagram (-: after the timeline)")
     demo.add_argument("--bench", action="store_true", help="measure TCP throughput and ping over the demo's "
                       "cable and through its tunnel")
@@ -2589,8 +2580,7 @@ def parse_args(argv=None):
 
 
 def client_link(sock, host, args, tls, away=None):
-    """run_client()'s make_link: TLS handshake, ExtraLink, the --offload greeting; a line that says it is
-    connected, unless -d says it already (or the server is away: see run_client_again())."""
+    """run_client()'s make_link: TLS handshake, ExtraLink, --offload greeting, "connected" (unless -d)."""
     keep_alive(sock)
     if tls:
         sock = secure_client(sock, tls)
@@ -2613,9 +2603,8 @@ def client_link(sock, host, args, tls, away=None):
 
 
 def run_client_again(tunnel, host, port, make_link):
-    """--reconnect: run_client()'s work again every RECONNECT_EVERY s, device and address kept. One line when
-    the server goes away, one when a packet comes back (ExtraLink.receive()); none for the tries between,
-    however each ends (refused, turned away, reset)."""
+    """--reconnect: run_client()'s work every RECONNECT_EVERY s, device kept; a line when the server goes
+    away, one when a packet comes back (ExtraLink.receive()), none for the tries between, however they end."""
     away = None  # since when the server has been away
     while True:
         link = None
