@@ -1592,8 +1592,7 @@ class DatagramLink(Link):
         return datagram[NUMBER.size:-TAG_SIZE]
 
     def drop(self, sender, why, now):
-        """Count a datagram not our peer's; name a new sender once, NAMES_AT_ONCE per NAMING_TIME s at most (a
-        flood of spoofed ones is counted); the latest named are remembered, not the first forever."""
+        """Count a datagram not our peer's; name a new sender once (NAMES_AT_ONCE per NAMING_TIME s)."""
         self.dropped += 1
         if sender in self.strangers:
             return
@@ -1603,9 +1602,9 @@ class DatagramLink(Link):
             self.unnamed += 1
             return
         self.named += 1
-        if len(self.strangers) >= MAX_STRANGERS:
-            del self.strangers[next(iter(self.strangers))]  # the oldest named
-        self.strangers[sender] = now
+        self.strangers[sender] = now  # the latest MAX_STRANGERS named are remembered, not the first forever
+        if len(self.strangers) > MAX_STRANGERS:
+            del self.strangers[next(iter(self.strangers))]
         log.warning("%s: dropping datagrams from %s: %s (counted, not logged again)",
                     "CLIENT" if self.client else "SERVER", udp_address(sender), why)
 
@@ -1742,10 +1741,10 @@ def packet_ends(packet, tap):
 
 
 def claimed_addresses(frame):
-    """Tap: the IP addresses a frame claims (ARP's sender, the IP source, a neighbour advertisement's target;
-    not 0.0.0.0 or ::) as its sender's; None if its ARP names another sender MAC than the frame's."""
+    """Tap: what a frame says is its sender's: its MAC, the IP its ARP, IP header or neighbour advertisement
+    names (not 0.0.0.0 or ::); None if its ARP names another sender MAC than the frame's."""
     if len(frame) < ETHERNET.size:
-        return []
+        return [bytes(frame[6:12])]
     _, source, ethertype = ETHERNET.unpack_from(frame)
     body, claims = frame[ETHERNET.size:], []
     if ethertype == ETHERTYPE_ARP and len(body) >= ARP.size:
@@ -1761,7 +1760,7 @@ def claimed_addresses(frame):
         icmp = body[IPV6.size:]
         if next_header == ICMPV6 and len(icmp) >= 24 and icmp[0] == NEIGHBOR_ADVERTISEMENT:
             claims.append(bytes(icmp[8:24]))  # its target: "this address is mine"
-    return [address for address in claims if any(address)]
+    return [source] + [address for address in claims if any(address)]
 
 
 def device_addresses(name):
@@ -1861,11 +1860,8 @@ class Switch(Link):
         self.flush()
 
     def claims(self, packet, source):
-        """What a packet says is its sender's: its source, and (tap) what claimed_addresses() finds."""
-        if not self.tap:
-            return (source,) if source else ()
-        addresses = claimed_addresses(packet)
-        return None if addresses is None else [source] + addresses
+        """What a packet says is its sender's: its source (tun), or what claimed_addresses() finds (tap)."""
+        return claimed_addresses(packet) if self.tap else (source,) if source else ()
 
     def sent_from(self, address):
         """The device sent from an address: the server's, unless a client's it has not (routed back out)."""
@@ -1884,8 +1880,7 @@ class Switch(Link):
         self.owners[address] = self
 
     def from_client(self, link, packet):
-        """NET2TAP: a client's packet is dropped if what it claims is another's (or the server's); one for
-        another client goes straight to it; True if it is for the device (tap: a broadcast goes to both)."""
+        """NET2TAP: dropped if it claims another's address; a client.s straight to it; True: the device.s."""
         source, destination = packet_ends(packet, self.tap)
         claims = self.claims(packet, source)
         if claims is None:
@@ -2350,8 +2345,7 @@ CABLE = {"tcp": "TCP", "tls": "TLS records", "two_writes": "two writes (Nagle on
 
 
 def journey(lines, target, hosts, cable):
-    """--diagram: the first echo request to `target` and its reply, as the timeline's `lines` show them, as a
-    Mermaid sequence diagram (None if no reply came); hosts: {name: cable address}, the pinger's first."""
+    """--diagram: the first ping to `target`, from the timeline's `lines`, as a Mermaid sequence diagram."""
     lines, names = sorted(lines), list(hosts)
     pinged = [(t, text) for t, who, text in lines if who == "ping"]
     start = next(t for t, text in pinged if text.startswith("echo request to %s:" % target))
@@ -2603,8 +2597,7 @@ def client_link(sock, host, args, tls, away=None):
 
 
 def run_client_again(tunnel, host, port, make_link):
-    """--reconnect: run_client()'s work every RECONNECT_EVERY s, device kept; a line when the server goes
-    away, one when a packet comes back (ExtraLink.receive()), none for the tries between, however they end."""
+    """--reconnect: run_client()'s work every RECONNECT_EVERY s; one line per outage, whatever ends each try."""
     away = None  # since when the server has been away
     while True:
         link = None
