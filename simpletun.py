@@ -1880,7 +1880,7 @@ class Switch(Link):
         self.owners[address] = self
 
     def from_client(self, link, packet):
-        """NET2TAP: dropped if it claims another's address; a client.s straight to it; True: the device.s."""
+        """NET2TAP: dropped if it claims another's address; sent on if a client's; True if the device's."""
         source, destination = packet_ends(packet, self.tap)
         claims = self.claims(packet, source)
         if claims is None:
@@ -2597,7 +2597,7 @@ def client_link(sock, host, args, tls, away=None):
 
 
 def run_client_again(tunnel, host, port, make_link):
-    """--reconnect: run_client()'s work every RECONNECT_EVERY s; one line per outage, whatever ends each try."""
+    """--reconnect: run_client()'s work every RECONNECT_EVERY s; a line per outage, whatever ends each try."""
     away = None  # since when the server has been away
     while True:
         link = None
