@@ -515,9 +515,8 @@ class ExtraLink(Link):
             raise LinkEnded(UNSERVED)
 
     def close(self):
-        """Close without a reset: TLS close_notify, our FIN, then what comes until the peer's.
-        (Closing a socket that holds unread bytes makes the kernel send a reset: the peer would
-        report a broken connection instead of an orderly end.)"""
+        """Close without a reset: TLS close_notify, our FIN, then what comes until the peer's (a socket closed
+        with unread bytes sends a reset: the peer would report a broken connection, not an orderly end)."""
         with self.sock, contextlib.suppress(OSError, ValueError):  # an error: the peer is gone already
             if self.tls:
                 tls_goodbye(self.sock)
@@ -603,8 +602,7 @@ def wrap_tls(sock, tls, server_side):
 
 
 def pinned(tls_sock, tls):
-    """True if the peer's certificate is exactly the pinned one (the chain check alone also
-    accepts any certificate the pinned one signed)."""
+    """True if the peer's certificate is the pinned one (the chain check also takes any it signed)."""
     return tls_sock.getpeercert(binary_form=True) == tls[1]
 
 
@@ -899,9 +897,8 @@ class WaitingRoom(selectors.DefaultSelector):
         self.unregister(newcomer.sock)
 
     def say_goodbye(self, sock, how):
-        """Close a connection without waiting: "orderly" (TLS close_notify, then FIN), "cut" (FIN
-        only), or "reset" (RST: the client can tell it was pushed out, not turned away). After a
-        FIN the loop reads what the peer still sends, for GOODBYE_TIME s, so that it hears no reset."""
+        """Close without waiting: "orderly" (TLS close_notify, FIN), "cut" (FIN), "reset" (RST: the client can
+        tell it was pushed out); after a FIN the loop reads what still comes, GOODBYE_TIME s: no reset."""
         try:
             if how == "reset":  # linger on, for 0 s: close() sends a reset
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1017,8 +1014,7 @@ def configure_device(name, interface=None, mtu=None):
 
 
 def announce(interface, device):
-    """A client with --addr says where it is: a UDP datagram from its address to its network's broadcast
-    (IPv6: all nodes), port 9 ("discard"), through the tunnel: a class server (--clients) learns it."""
+    """--addr: a datagram from it to its network's broadcast, port 9 (discard): a class server learns it."""
     v6, broadcast = interface.version == 6, str(interface.network.broadcast_address)
     to = ("ff02::1", 9, 0, socket.if_nametoindex(device)) if v6 else (broadcast, 9)
     with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -1072,8 +1068,7 @@ REFUSAL_HINTS = {os.strerror(errno.EIO): "is the device down? (ip link set %s up
 
 
 def stamped(text, happened=None):
-    """A line as the demo's ends print it: the time it happened (CLOCK_MONOTONIC, one clock for
-    every namespace), so that the demo can put both ends' lines in the order they happened."""
+    """A line as the demo's ends print it: when it happened (CLOCK_MONOTONIC: one clock everywhere)."""
     return "@%.6f %s" % (happened or time.monotonic(), text)
 
 
@@ -1101,8 +1096,7 @@ class Lines(logging.Handler):
             self.handleError(record)
 
     def stamp(self, record):
-        """When a line happened. A device write is logged once it succeeded, but the reply it causes
-        may be printed by another process first: it is stamped when its packet came from TCP."""
+        """When a line happened; a device write's, when its packet came (its reply may be printed first)."""
         now = time.monotonic()
         if record.msg.startswith("NET2TAP %d: Read"):
             self.arrived = now
@@ -1293,8 +1287,7 @@ GREETING_FRAME = HEADER.pack(len(GREETING)) + GREETING  # as it goes on the wire
 
 
 def set_offload(fd, enabled):
-    """Let the device hand us super-packets (or, plain mode, stop: a persistent device keeps the
-    setting of its last user, and a reader without the virtio header would get unfinished TCP)."""
+    """Let the device hand us super-packets, or not (a persistent device keeps its last user's setting)."""
     if not enabled:
         fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
         return
@@ -1352,8 +1345,7 @@ def describe_offloaded(packet, tap):
 
 UDP_SILENCE = 3  # seconds: a silent client may lose its slot; a client that hears nothing says so
 UDP_HEARTBEAT = 1  # --key: seconds an end may send nothing before it says "still here"
-MAX_STRANGERS = 1024  # the latest senders named, whose dropped datagrams are only counted from then on
-NAMES_AT_ONCE, NAMING_TIME = 8, 5  # new senders named per NAMING_TIME s at most: a flood of them is counted
+MAX_STRANGERS, NAMES_AT_ONCE, NAMING_TIME = 1024, 8, 5  # senders remembered; new ones named per NAMING_TIME s
 PORT_BUDGET = 8  # datagrams read from the port's socket per wake-up while a peer is served (strangers')
 UDP_MTU = 1500 - 40 - 8  # the device MTU whose packets fit one datagram on a 1500-byte cable (IPv6+UDP)
 UDP_BUFFER = 4 << 20  # bytes of socket buffer each way: a burst of datagrams waits there, not dropped
@@ -1394,12 +1386,10 @@ class DatagramLink(Link):
         self.heard_at = self.sent_at = 0  # when the peer last sent a datagram; when we last did
         self.unanswered = None  # client: since when what we sent has had no answer
         self.told = set()  # what was said once: "no client", "unanswered", "silent", "malformed"
-        # the latest senders named (oldest first), when naming began and how many since; datagrams dropped,
-        # senders not named, packets not sent, packets not whole
+        # senders named (oldest first), since when, how many; dropped, unnamed, unsent, not whole
         self.strangers, self.naming, self.named = {}, 0, 0
         self.dropped, self.unnamed, self.unsent, self.malformed = 0, 0, 0, 0
-        self.own = None  # server: the served peer's own socket (see serve_peer())
-        self.former = None  # server, --key: the peer served before this one
+        self.own = self.former = None  # server: the peer's own socket (serve_peer()); the peer before it
         self.packets = []  # what the last receive kept for cut(): views of the buffer
         # --key: our next number (from the clock: a restarted end goes on above its old numbers), the
         # newest number received and a bit for each of the REPLAY_WINDOW before it; a keyed MAC for
@@ -1444,8 +1434,7 @@ class DatagramLink(Link):
         del self.out[:start]
 
     def next_run(self, out, start):
-        """The queued packets from `start` that one send carries: the same size, but the last may be
-        smaller (UDP_SEGMENT cuts at one size); return them and where the next run starts."""
+        """The packets from `start` one send takes (one size, the last may be smaller), and where it ends."""
         run, most = [], 1
         while start < len(out) and len(run) < most:
             (length,) = HEADER.unpack_from(out, start)
@@ -1529,8 +1518,7 @@ class DatagramLink(Link):
         return packet
 
     def takes(self, sender, packet, now):
-        """Server: True if a new sender becomes our peer. Without --key, a plausible packet's sender while
-        we have none or our client has been silent UDP_SILENCE s; with --key, the newest key holder."""
+        """Server: True if a sender becomes our peer (plausible, ours silent; --key: a key holder)."""
         if not self.key:
             if not packet:  # a --key end's heartbeat, or noise: nothing to write
                 return False
@@ -1684,6 +1672,7 @@ def tune_datagrams(sock):
         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         return True
     except OSError:
+        log.debug("this kernel cannot hand over runs of datagrams (UDP_GRO, Linux 5.0): one per call")
         return False
 
 
@@ -1706,11 +1695,8 @@ def udp_socket(args, key=None):
         at = args.client or args.bind or "every address"
         raise UserError("cannot use UDP port %d on %s: %s" % (args.port, at, os.strerror(err.errno)
                                                                 if err.errno else err)) from None
-    batches = tune_datagrams(sock)
-    if not batches:
-        log.debug("this kernel cannot hand over runs of datagrams (UDP_GRO, Linux 5.0): one per call")
     link = DatagramLink(sock, args.client or "", args.tap, sock.getpeername() if args.client else None,
-                        key, batches)
+                        key, tune_datagrams(sock))
     if not args.client:
         log.addFilter(link)  # until close(): see filter()
     return link
@@ -1741,8 +1727,7 @@ def packet_ends(packet, tap):
 
 
 def claimed_addresses(frame):
-    """Tap: what a frame says is its sender's: its MAC, the IP its ARP, IP header or neighbour advertisement
-    names (not 0.0.0.0 or ::); None if its ARP names another sender MAC than the frame's."""
+    """Tap: its MAC and the IP its ARP, IP or neighbour advertisement names; None if ARP names another MAC."""
     if len(frame) < ETHERNET.size:
         return [bytes(frame[6:12])]
     _, source, ethertype = ETHERNET.unpack_from(frame)
@@ -1760,7 +1745,7 @@ def claimed_addresses(frame):
         icmp = body[IPV6.size:]
         if next_header == ICMPV6 and len(icmp) >= 24 and icmp[0] == NEIGHBOR_ADVERTISEMENT:
             claims.append(bytes(icmp[8:24]))  # its target: "this address is mine"
-    return [source] + [address for address in claims if any(address)]
+    return [source] + [address for address in claims if any(address)]  # (0.0.0.0, :: claim nothing)
 
 
 def device_addresses(name):
@@ -1943,8 +1928,7 @@ DEMO_UNDERLAY = {"server": "192.0.2.1/24", "client": "192.0.2.2/24",  # the "phy
 DEMO_TUNNEL = {"server": "10.0.0.1/24", "client": "10.0.0.2/24",  # the private network
                "alice": "10.0.0.2/24", "bob": "10.0.0.3/24", "carol": "10.0.0.4/24"}
 DEMO_LAN = {"server": "10.1.0.1/24", "lan": "10.1.0.2/24"}  # --lan: a network behind the server
-DEMO_PINGS = 3
-DEMO_PINGS_LOSSY = 10  # with --loss: enough to tell a lossy cable from a broken tunnel
+DEMO_PINGS, DEMO_PINGS_LOSSY = 3, 10  # with --loss: enough to tell a lossy cable from a broken tunnel
 DEMO_PINGS_CLASS = 1  # --clients: to each of two hosts from each client, a timeline short enough to read
 DEMO_WAIT = 10  # seconds for each end to come up, and to go
 DEMO_COUNT = {2: "two", 3: "three", 4: "four"}  # how many hosts the demo makes, in words
@@ -1954,8 +1938,7 @@ ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 
 
 class Timeline:
-    """The demo's one output: every process's lines, merged in the order they happened (each end
-    stamps its lines: stamped()). A line waits HOLD s for earlier ones still in another's pipe."""
+    """The demo's one output: every process's lines in the order they happened (stamped()), held HOLD s."""
 
     HOLD = 0.3
 
@@ -2036,8 +2019,7 @@ class Timeline:
 
 
 def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=lambda text: None):
-    """What ping does (a fresh machine may lack it), with the kernel's ping socket, which fills in the
-    checksum and hands over our replies only: the round trip times, None for no reply; `say` prints each."""
+    """ping (a fresh machine may lack it), by the kernel's ping socket: round trip times (None: no reply)."""
     times = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP) as sock:
         for sequence in range(1, count + 1):
@@ -2116,8 +2098,7 @@ def lossy_cable_method(loss, delay):
 
 
 def make_cable_lossy(namespaces, method, loss, delay):
-    """Lose each packet on the demo's cable with probability loss % (netem: delay it delay ms); nft drops it
-    as it arrives (dropped as it leaves, the sender would be told at once: EPERM, which no cable does)."""
+    """Lose loss % of the cable's packets (netem: delay them); nft as they arrive (as they leave: EPERM)."""
     for namespace in namespaces:
         inside = ("netns", "exec", namespace)  # ip netns exec NAMESPACE COMMAND...
         # one packet on the cable, one segment: with GSO a "packet" may be a 64 KiB super-packet,
@@ -2144,8 +2125,7 @@ def outer_retransmissions(namespace, port_filter):
 
 
 def start_in(namespace, command):
-    """Start a command inside a namespace, in a session of its own: a terminal's Ctrl-C reaches only
-    the demo, which then stops everything in order."""
+    """Start a command in a namespace and a session of its own: Ctrl-C reaches the demo, which stops it."""
     return subprocess.Popen(["ip", "netns", "exec", namespace] + command, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -2291,8 +2271,7 @@ def demo(args):
 
 
 def build_demo_hosts(ns):
-    """The demo's hosts: namespaces, a veth pair from each client to the server (a class: on a bridge, br0,
-    as a switch makes a LAN); --lan: one more behind the server, which forwards (its way out)."""
+    """The demo's hosts: a veth pair from each client to the server (a class: a bridge); --lan: one more."""
     for name in ns.values():  # each host: its loopback up, and ping sockets for root's group (ping())
         ip_command("netns", "add", name)
         ip_command("-n", name, "link", "set", "lo", "up")
@@ -2555,7 +2534,7 @@ def parse_args(argv=None):
             parser.error("--demo --clients N shows a class of 2 or 3 clients over TCP: not with --udp, "
                          "--offload, --two-writes, --lan, --loss, --delay or --bench")
         return args
-    for flag in ("keep", "lan", "loss", "delay", "bench"):
+    for flag in ("keep", "lan", "loss", "delay", "bench", "diagram"):
         if getattr(args, flag):
             parser.error("--%s is for the demo (--demo --%s)" % (flag, flag))
     if args.iface is None:
