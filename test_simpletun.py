@@ -3220,6 +3220,8 @@ def test_udp_without_key_a_client_that_hears_nothing_back_says_so_once(caplog, m
 
 @pytest.mark.parametrize("content, mode, says", [
     (bytes(range(32)), 0o644, "others may read it; a secret must be yours alone: chmod 600"),
+    (bytes(range(32)), 0o640, "others may read it"),  # its group alone, as README says: owner only
+    (bytes(range(32)), 0o602, "others may read it"),
     (b"short", 0o600, "5 bytes is too short a secret; make one of 32 random bytes: head -c 32 /dev/urandom >"),
     (None, 0o600, "No such file or directory"),
 ])
@@ -3915,3 +3917,110 @@ def test_the_device_is_read_only_while_the_outgoing_queue_is_under_its_bound(que
         with pytest.raises(KeyboardInterrupt):
             simpletun.relay(Tunnel(device.fileno(), "tun9"), link, selector)
         assert selector.device_watched is reads
+
+
+# ---- Promises tried at their boundary: the second time, the other variant, the mixed case ------
+
+def test_a_run_of_datagrams_ends_at_a_smaller_packet_so_every_datagram_keeps_its_size():
+    # Regression guard: UDP_SEGMENT cuts a send at one size; a run that went on after a shorter packet
+    # would cut the packets after it at the wrong places.
+    sizes = [200, 200, 120, 200, 200, 60, 60, 300]
+    packets = [ipv4(17, bytes([n]) * (size - 20)) for n, size in enumerate(sizes)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(receiver.getsockname())
+        link = simpletun.DatagramLink(sock, "127.0.0.1", False, sock.getpeername(), batches=True)
+        with sock:
+            for packet in packets:
+                link.out += frame(packet)
+            link.send_queued()
+        receiver.settimeout(TIMEOUT)
+        assert [receiver.recv(65536) for _ in packets] == packets
+
+
+def test_a_device_batch_of_big_packets_stops_at_the_queue_bound():
+    # Regression guard: the batch must stop once the queue reaches OUT_LIMIT, however few packets that took.
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours, theirs = socket.socketpair()
+    with device, kernel, ours, theirs:
+        device.setblocking(False)
+        ours.setblocking(False)
+        link = simpletun.Link(ours, "peer")
+        link.out += bytes(simpletun.OUT_LIMIT - 10000)  # the peer reads nothing: the queue is nearly full
+        for _ in range(5):
+            kernel.send(ipv4(17, bytes(9000)))
+        simpletun.tap2net(Tunnel(device.fileno(), "tun9"), link)
+        left = 0
+        while select.select([device], [], [], 0)[0]:
+            device.recv(65536)
+            left += 1
+        assert left == 3  # two packets filled the queue past its bound: the other three wait in the device
+
+
+def test_each_refusal_line_counts_only_the_refusals_since_the_one_before(caplog):
+    lines = io.StringIO()
+    handler = simpletun.Lines(program_args(), lines)
+    record = lambda: logging.LogRecord("simpletun", logging.WARNING, "", 0,  # noqa: E731
+                                       "NET2TAP %d: %s refused a %d-byte packet: %s", (1, "tun9", 84, "Bad address"),
+                                       None)
+    for quiet in (3, 5, 0):  # three runs of refusals, each after the quiet time
+        handler.quiet_until = 0
+        for _ in range(quiet + 1):
+            handler.emit(record())
+    said = lines.getvalue().splitlines()
+    assert len(said) == 3 and "(and" not in said[0]
+    assert said[1].endswith("(and 3 more since the last such line)")
+    assert said[2].endswith("(and 5 more since the last such line)")  # not 8: the count starts again
+
+
+def test_reconnect_says_each_outage_once_and_each_return_once(caplog, monkeypatch):
+    # Regression guard: an outage line the first time only, or a line at every try.
+    tries = iter(["refused", "heard", "turned away", "turned away", "refused", "heard", "refused", "stop"])
+    now = [0.0]
+
+    class Tried:
+        heard = False
+
+        def __init__(self, how):
+            self.heard = how == "heard"
+
+        def close(self):
+            pass
+
+    def connect(host, port):
+        how = next(tries)
+        if how == "stop":
+            raise KeyboardInterrupt
+        if how == "refused":
+            raise simpletun.UserError("cannot connect to %s port %d: Connection refused" % (host, port))
+        return how
+
+    def relay(tunnel, link, selector):
+        raise LinkEnded("the server closed the connection without sending a packet")
+
+    monkeypatch.setattr(simpletun, "connect_to", connect)
+    monkeypatch.setattr(simpletun, "relay", relay)
+    monkeypatch.setattr(simpletun.time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    with pytest.raises(KeyboardInterrupt):
+        simpletun.run_client_again(None, "192.0.2.1", 55555, lambda sock, host, away: Tried(sock))
+    outages = [m for m in caplog.messages if "trying again every 3 s" in m]
+    assert len(outages) == 3, caplog.messages  # the first, after the first return, after the second
+    assert "Connection refused" in outages[0] and "without sending a packet" in outages[1]
+
+
+@pytest.mark.netns
+def test_a_class_demo_with_one_pinger_failing_says_failed_and_exits_1(clean_demo, monkeypatch, capsys):
+    # Regression guard: the exit status and the "all N crossed" line followed the last pinger only.
+    calling = simpletun.calling
+    monkeypatch.setattr(simpletun, "calling", lambda call: calling(call.replace("'10.0.0.4'", "'10.0.0.99'")))
+    clean_demo.pids.append(os.getpid())  # alice's ping to carol goes nowhere; every other ping crosses
+    handlers = [(number, signal.getsignal(number)) for number in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        status = simpletun.demo(simpletun.parse_args(["--demo", "--clients", "3"]))
+    finally:
+        for number, handler in handlers:
+            signal.signal(number, handler)
+    out = capsys.readouterr().out
+    assert status == 1 and "FAILED: not every echo request came back through the tunnel" in out, out
+    assert "reply from 10.0.0.3: icmp_seq=1" in out and clean_demo.left() == []
