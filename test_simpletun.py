@@ -4024,3 +4024,26 @@ def test_a_class_demo_with_one_pinger_failing_says_failed_and_exits_1(clean_demo
     out = capsys.readouterr().out
     assert status == 1 and "FAILED: not every echo request came back through the tunnel" in out, out
     assert "reply from 10.0.0.3: icmp_seq=1" in out and clean_demo.left() == []
+
+
+@pytest.mark.parametrize("debug, away, says", [
+    (0, None, ["CLIENT: connected to 127.0.0.1 port 55555; the tunnel is up once a packet comes back through it",
+               "CLIENT: a first packet came back through the tunnel: the server serves this end"]),
+    (1, None, ["CLIENT: a first packet came back through the tunnel: the server serves this end"]),  # -d said it
+    (0, 7.0, ["CLIENT: back after 7 s: a packet came back through the tunnel (--reconnect)"]),  # an outage: no
+])                                                                                          # "connected" again
+def test_a_client_says_it_is_connected_and_when_the_first_packet_comes_back_once(caplog, monkeypatch, debug, away,
+                                                                                 says):
+    caplog.set_level("INFO" if debug else "WARNING", logger="simpletun")
+    monkeypatch.setattr(simpletun.time, "monotonic", lambda: 100.0)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs = listener.accept()[0]
+    with ours, theirs:
+        link = simpletun.client_link(ours, "127.0.0.1", program_args(port=55555, debug=debug, tls=None, addr=None),
+                                     None, away and 100.0 - away)
+        for _ in range(2):  # two packets back: one line, for the first
+            theirs.sendall(frame(ECHO_REQUEST))
+            select.select([ours], [], [], TIMEOUT)
+            assert list(link.cut(link.receive())) == [ECHO_REQUEST]
+    assert [m for m in caplog.messages if m.startswith("CLIENT: ") and "Connected to" not in m] == says
