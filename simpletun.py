@@ -1624,8 +1624,8 @@ class DatagramLink(Link):
         """Say how many datagrams were dropped, then close."""
         if self.dropped:
             log.warning("%s: dropped %d datagram(s) from other senders (%s)", "CLIENT" if self.client else
-                        "SERVER", self.dropped, "%d more in a flood of new senders, not named" % self.unnamed
-                        if self.unnamed else "each named above")
+                        "SERVER", self.dropped, "%d of them from senders not named: a flood of new ones"
+                        % self.unnamed if self.unnamed else "each named above")
         for count, what in ((self.unsent, "could not be sent"), (self.malformed, "were no whole packets")):
             if count:
                 log.warning("%d packet(s) %s", count, what)

@@ -2882,8 +2882,8 @@ def test_udp_a_flood_of_new_senders_is_counted_and_a_sender_after_it_is_still_na
             assert "from 127.0.0.1 port %d: its first frame (40 bytes) is not an IP packet" % real.getsockname()[1] \
                 in caplog.messages[-1]
         link.close()
-        assert caplog.messages[-1] == "SERVER: dropped 61 datagram(s) from other senders (%d more in a flood " \
-            "of new senders, not named)" % (60 - 3 * simpletun.NAMES_AT_ONCE)
+        assert caplog.messages[-1] == "SERVER: dropped 61 datagram(s) from other senders (%d of them from " \
+            "senders not named: a flood of new ones)" % (60 - 3 * simpletun.NAMES_AT_ONCE)
 
 
 def test_udp_served_peers_datagrams_come_through_a_flood_of_the_port(caplog):
