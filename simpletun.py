@@ -2328,7 +2328,7 @@ def journey(lines, target, hosts, cable):
     lines, names = sorted(lines), list(hosts)
     pinged = [(t, text) for t, who, text in lines if who == "ping"]
     start = next(t for t, text in pinged if text.startswith("echo request to %s:" % target))
-    end, said = next((t, text) for t, text in pinged if t > start and " icmp_seq=1 " in text)
+    end, said = next(((t, text) for t, text in pinged if t > start and " icmp_seq=1 " in text), (start, ""))
     if not said.startswith("reply"):
         return None
     window = [(t, who, text) for t, who, text in lines if start <= t <= end and who in hosts]

@@ -2,6 +2,7 @@
 the command line, and end to end with real devices in network namespaces (root only)."""
 
 import argparse
+import ast
 import contextlib
 import errno
 import gc
@@ -4050,3 +4051,18 @@ def test_a_client_says_it_is_connected_and_when_the_first_packet_comes_back_once
             select.select([ours], [], [], TIMEOUT)
             assert list(link.cut(link.receive())) == [ECHO_REQUEST]
     assert [m for m in caplog.messages if m.startswith("CLIENT: ") and "Connected to" not in m] == says
+
+
+@pytest.mark.netns
+def test_the_servers_own_addresses_are_read_from_a_real_device(lab):
+    ns = lab.ns["s"]
+    lab.ip("-n", ns, "tuntap", "add", "dev", "tap7", "mode", "tap")
+    lab.ip("-n", ns, "addr", "add", "10.9.7.1/24", "dev", "tap7")
+    lab.ip("-n", ns, "addr", "add", "fd00::7/64", "dev", "tap7", "nodad")
+    lab.ip("-n", ns, "link", "set", "tap7", "up")
+    mac = re.search(r"link/ether ([0-9a-f:]{17})", lab.ip("-n", ns, "link", "show", "tap7").stdout)[1]
+    found = subprocess.run(["ip", "netns", "exec", ns] + simpletun.calling("print(device_addresses('tap7'))"),
+                           capture_output=True, text=True, timeout=TIMEOUT).stdout
+    addresses = set(ast.literal_eval(found))
+    assert {socket.inet_aton("10.9.7.1"), socket.inet_pton(socket.AF_INET6, "fd00::7"),
+            bytes.fromhex(mac.replace(":", ""))} <= addresses, found
