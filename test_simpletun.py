@@ -7,6 +7,7 @@ import contextlib
 import errno
 import gc
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -547,6 +548,7 @@ def test_usage_errors_exit_2_with_a_reason_and_the_usage(args, reason):
 @pytest.mark.parametrize("args, tap, port, debug", [
     (["-i", "tun0", "-s"], False, 55555, 0),
     (["-i", "tun0", "-s", "-u"], False, 55555, 0),
+    (["-i", "tun0", "-s", "-p", "65535"], False, 65535, 0),  # the highest port
     (["-i", "tap0", "-c", "h", "-a", "-p", "7000", "-d"], True, 7000, 1),
     (["--iface", "tap0", "--client", "h", "--tap", "--port", "7000", "-dd"], True, 7000, 2),
 ])
@@ -823,6 +825,13 @@ class Lab:
             for pid in self.ip("netns", "pids", ns, check=False).stdout.split():
                 os.kill(int(pid), signal.SIGKILL)
             self.ip("netns", "del", ns, check=False)
+
+
+def messages_of(caplog, thread=None):
+    """What one thread logged (default: this one): a rig's serve() thread, which runs on after its test,
+    may log into a later test's caplog (a goodbye, a summary of refusals)."""
+    ident = (thread or threading.current_thread()).ident
+    return [record.getMessage() for record in caplog.records if record.thread == ident]
 
 
 def wait_for(condition, what, timeout=10):
@@ -2113,6 +2122,7 @@ def test_debug_three_times_shows_the_length_prefix_before_the_packet_on_the_wire
 
 @pytest.mark.parametrize("gso_type, size, says", [
     (1, 1448, "TCP segment offload: 45 segments of 1448"),
+    (1 | 0x80, 1448, "TCP segment offload: 45 segments of 1448"),  # with ECN: the same cut
     (0, 0, "UDP 40000 > 7777"),
 ])
 def test_decoder_says_how_the_kernel_will_cut_a_super_packet(gso_type, size, says):
@@ -2692,6 +2702,7 @@ def test_an_event_for_a_connection_closed_earlier_in_the_same_wake_up_costs_noth
         batch = room.select(0)  # the batch of events, before anyone is handled
         assert len(batch) == simpletun.MAX_CLOSING
         room.say_goodbye(pairs[-1][0], "orderly")  # making room closes the oldest
+        assert len(room.closing) == simpletun.MAX_CLOSING  # (bounded: the newest in, the oldest out)
         for key, events in batch:
             key.data(events)  # the oldest's event comes after its close: nothing may break
         assert len(room.closing) <= simpletun.MAX_CLOSING
@@ -2849,17 +2860,18 @@ def test_udp_server_drops_strangers_naming_each_once_and_takes_a_new_client_afte
         kernel.send(ECHO_REQUEST)
         simpletun.tap2net(tunnel, link)
         assert client.recv(65536) == ECHO_REQUEST  # the client still has the slot
-        dropping = [m for m in caplog.messages if "dropping datagrams" in m]
-        assert len(dropping) == 2, caplog.messages  # one line per stranger, not per datagram
+        dropping = [m for m in messages_of(caplog) if "dropping datagrams" in m]
+        assert len(dropping) == 2, messages_of(caplog)  # one line per stranger, not per datagram
         assert "but 127.0.0.1 port %d is being served" % client.getsockname()[1] in dropping[0]
         assert any("is not an IP packet" in m for m in dropping)
         link.heard_at -= simpletun.UDP_SILENCE  # the client has gone quiet
         stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
         until_received(tunnel, link)
         assert kernel.recv(65536) == ECHO_REQUEST and link.peer[1] == stranger.getsockname()[1]
-        assert "was silent for 3 s" in caplog.messages[-1]
+        assert "was silent for 3 s" in messages_of(caplog)[-1]
         link.close()
-        assert "SERVER: dropped 10 datagram(s) from other senders (each named above)" in caplog.messages[-1]
+        assert "SERVER: dropped 10 datagram(s) from other senders (each named above)" in \
+            messages_of(caplog)[-1]
 
 
 def test_udp_a_flood_of_new_senders_is_counted_and_a_sender_after_it_is_still_named(caplog, monkeypatch):
@@ -2873,7 +2885,7 @@ def test_udp_a_flood_of_new_senders_is_counted_and_a_sender_after_it_is_still_na
                     stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
             for _ in range(3):
                 simpletun.net2tap(tunnel, link)
-            named = [m for m in caplog.messages if "dropping datagrams" in m]
+            named = [m for m in messages_of(caplog) if "dropping datagrams" in m]
             assert len(named) == simpletun.NAMES_AT_ONCE * (flood + 1)  # a few lines per flood, not 20
             link.naming -= simpletun.NAMING_TIME  # time passes
         assert len(link.strangers) == 10 and link.dropped == 60  # memory stays bounded; every datagram counted
@@ -2881,9 +2893,9 @@ def test_udp_a_flood_of_new_senders_is_counted_and_a_sender_after_it_is_still_na
             real.sendto(b"\x00" * 40, link.sock.getsockname())
             until_received(tunnel, link)
             assert "from 127.0.0.1 port %d: its first frame (40 bytes) is not an IP packet" % real.getsockname()[1] \
-                in caplog.messages[-1]
+                in messages_of(caplog)[-1]
         link.close()
-        assert caplog.messages[-1] == "SERVER: dropped 61 datagram(s) from other senders (%d of them from " \
+        assert messages_of(caplog)[-1] == "SERVER: dropped 61 datagram(s) from other senders (%d of them from " \
             "senders not named: a flood of new ones)" % (60 - 3 * simpletun.NAMES_AT_ONCE)
 
 
@@ -3217,6 +3229,12 @@ def test_udp_without_key_a_client_that_hears_nothing_back_says_so_once(caplog, m
             server.sendto(ECHO_REQUEST, link.sock.getsockname())  # an answer: the silence is over
             select.select([link.sock], [], [], TIMEOUT)
             assert list(link.cut(link.receive())) == [ECHO_REQUEST] and link.unanswered is None
+            for _ in range(3):  # a second silence: said again, once
+                link.out += frame(UDP_PACKET)
+                link.send_queued()
+                time.sleep(0.1)
+                clock.select(0.1)
+            assert len([m for m in caplog.messages if "nothing has come back" in m]) == 2
 
 
 @pytest.mark.parametrize("content, mode, says", [
@@ -3320,7 +3338,7 @@ def test_udp_server_with_no_client_says_so_once_and_never_that_it_wrote_to_the_n
         until_received(tunnel, link)
         kernel.send(ECHO_REQUEST)
         simpletun.tap2net(tunnel, link)
-        assert caplog.messages[-1] == "TAP2NET 4: Written 84 bytes to the network"
+        assert messages_of(caplog)[-1] == "TAP2NET 4: Written 84 bytes to the network"
         link.close()
     assert link not in simpletun.log.filters
 
@@ -3756,7 +3774,7 @@ def test_udp_packet_this_host_will_not_send_is_one_line_counted_and_the_tunnel_g
             "a datagram to 127.0.0.1 port %d was not sent: Message too long; such packets are lost, and counted"
             % client.getsockname()[1]]
         link.close()
-        assert caplog.messages[-1] == "2 packet(s) could not be sent"
+        assert messages_of(caplog)[-1] == "2 packet(s) could not be sent"
 
 
 @pytest.mark.netns
@@ -4066,3 +4084,341 @@ def test_the_servers_own_addresses_are_read_from_a_real_device(lab):
     addresses = set(ast.literal_eval(found))
     assert {socket.inet_aton("10.9.7.1"), socket.inet_pton(socket.AF_INET6, "fd00::7"),
             bytes.fromhex(mac.replace(":", ""))} <= addresses, found
+
+
+# ---- Boundaries: the second time, the other variant, the last value still taken --------------
+
+@pytest.mark.parametrize("server_sends, status", [(b"", 0), (HEADER.pack(84) + ECHO_REQUEST[:10], 1)],
+                         ids=["orderly close", "ends mid-frame"])
+def test_the_tunnels_client_exits_0_when_the_server_closes_and_1_when_it_ends_mid_frame(server_sends, status):
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with device, kernel, socket.create_server(("127.0.0.1", 0)) as listener:
+        device.setblocking(False)
+
+        def server():
+            sock = listener.accept()[0]
+            with sock:
+                sock.sendall(server_sends)
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(10)  # until the client's own end
+
+        threading.Thread(target=server, daemon=True).start()
+        tunnel = Tunnel(device.fileno(), "tun9")
+        assert simpletun.run_client(tunnel, "127.0.0.1", listener.getsockname()[1]) == status
+
+
+def test_a_peer_that_takes_part_of_the_queue_again_is_no_longer_counted_as_stalled():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        link = simpletun.ExtraLink(ours, "peer", heard=True)
+        link.out += bytes(8 << 20)
+        link.send_queued()  # the socket buffers fill up
+        link.send_queued()  # nothing taken
+        assert link.stalled is not None
+        taken = 0
+        while taken < 1 << 20 and select.select([theirs], [], [], 0.2)[0]:
+            taken += len(theirs.recv(65536))  # the peer reads a little: the next send takes some, not all
+        link.send_queued()
+        assert link.out and link.stalled is None
+
+
+@pytest.mark.parametrize("heard, server_sends, says", [
+    (False, b"", "the server closed the connection without sending a packet"),
+    (False, simpletun.GREETING_FRAME, "the peer runs with --offload, this end without"),
+    (True, b"", None),  # a server that served this end, then closed: an orderly end
+])
+def test_a_client_link_says_why_the_server_ended_it_before_its_first_packet(heard, server_sends, says):
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        link = simpletun.ExtraLink(ours, "server", heard=heard)
+        theirs.sendall(server_sends)
+        theirs.shutdown(socket.SHUT_WR)
+        select.select([ours], [], [], TIMEOUT)
+        if says:
+            with pytest.raises(LinkEnded, match=re.escape(says)):
+                simpletun.net2tap(Tunnel(None, "tun9"), link)
+        else:
+            simpletun.net2tap(Tunnel(None, "tun9"), link)
+            assert link.ended
+
+
+def test_each_summary_of_refusals_counts_its_own_period_and_comes_while_the_server_is_idle(server_rig, caplog,
+                                                                                           monkeypatch):
+    # Promise: a flood's refusals are named once per reason (whatever its byte count), then summed up once
+    # per REPORT_EVERY s, each summary counting only its own period; and it comes with nothing else going on.
+    monkeypatch.setattr(simpletun, "REPORT_EVERY", 1.0)
+    r = server_rig()
+    said = lambda: messages_of(caplog, r.thread)  # noqa: E731
+    for period in range(2):
+        for size in (40, 41, 42):  # three reasons alike but for their byte count
+            sock = r.connect()
+            sock.sendall(frame(b"\x00" * size))
+            assert r.closed_by_server(sock)
+            sock.close()  # the server's goodbye ends: nothing of the flood is left to wake the server
+        wait_for(lambda: len([m for m in said() if "not named above" in m]) > period, "summary %d" % period)
+    summaries = [m for m in said() if "not named above" in m]
+    assert re.search(r"\(2 not named above\): (1 closed, )?3 not a tunnel end$", summaries[0]), summaries
+    assert re.search(r"refused 3 connection\(s\) in the last 1 s \(2 not named above\): 3 not a tunnel end$",
+                     summaries[1]), summaries
+    assert len([m for m in said() if "is not an IP packet" in m]) == 2  # named once in each period
+
+
+@pytest.mark.parametrize("size, says", [(13, "too short for an Ethernet frame"), (14, simpletun.PROVEN)])
+def test_a_tap_newcomers_first_frame_may_be_as_short_as_an_ethernet_header(size, says):
+    head = frame(ethernet(0x0806, arp(1)))[:HEADER.size + size]
+    head = HEADER.pack(size) + head[HEADER.size:]
+    assert says in simpletun.first_frame_verdict(head, tap=True, offload=False)
+
+
+def test_the_start_of_a_packet_too_short_for_its_length_field_is_no_ip_packet():
+    for packet in (ECHO_REQUEST, ECHO6_REPLY):
+        for size in range(8):  # never an error: whatever a stranger sends is judged
+            assert simpletun.looks_like_ip(packet[:size], len(packet)) is (size >= 6), (packet[:1], size)
+
+
+def test_an_address_is_given_to_the_device_at_once_for_ipv6_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(simpletun, "ip_command", lambda *args: calls.append(args) or "")
+    simpletun.configure_device("tun9", ipaddress.ip_interface("10.0.0.1/24"))
+    simpletun.configure_device("tun9", ipaddress.ip_interface("fd00::1/64"), 1400)
+    assert calls == [("addr", "replace", "10.0.0.1/24", "dev", "tun9"), ("link", "set", "tun9", "up"),
+                     ("addr", "replace", "fd00::1/64", "dev", "tun9", "nodad"),  # no wait for DAD
+                     ("link", "set", "tun9", "mtu", "1400", "up")]
+
+
+@pytest.mark.parametrize("argv, taken", [
+    (["-i", "tap0", "-s", "-a", "--mtu", "65521"], ("mtu", 65521)),  # the kernel's tap maximum
+    (["-i", "tap0", "-s", "-a", "--mtu", "65522"], "a tap device takes an MTU of at most 65521"),
+    (["-i", "tun0", "-s", "--mtu", "65535"], ("mtu", 65535)),
+    (["-i", "tun0", "-s", "--mtu", "68"], ("mtu", 68)),
+    (["-i", "tun0", "-s", "--mtu", "67"], "an MTU is a number from 68 to 65535"),
+    (["--demo", "--loss", "100"], ("loss", 100)),
+    (["--demo", "--clients", "3"], ("clients", 3)),
+    (["--demo", "--clients", "4"], "a class of 2 or 3 clients"),
+])
+def test_each_number_the_command_line_takes_is_taken_up_to_its_bound_and_not_past(capsys, argv, taken):
+    if isinstance(taken, tuple):
+        assert getattr(simpletun.parse_args(argv), taken[0]) == taken[1]
+        return
+    with pytest.raises(SystemExit):
+        simpletun.parse_args(argv)
+    assert taken in capsys.readouterr().err
+
+
+def test_the_originals_words_for_a_tun_device_are_explained_once(rig):
+    r = rig(debug=2, extra=True)
+    for _ in range(2):
+        r.kernel.send(ECHO_REQUEST)
+        r.frames_from_peer(1)
+    read = [line for line in r.lines() if "Read 84 bytes from the tap interface" in line]
+    assert len(read) == 2 and ["the original's words" in line for line in read] == [True, False]
+
+
+@pytest.mark.parametrize("size, more", [(24, False), (25, True)])
+def test_debug_three_times_marks_a_packet_cut_short_on_the_wire_line_only_when_it_is(size, more):
+    out = io.StringIO()
+    handler = simpletun.Lines(program_args(debug=3), out)
+    record = logging.LogRecord("simpletun", logging.DEBUG, __file__, 0,
+                               "TAP2NET %d: Read %d bytes from the tap interface", (1, size), None)
+    record.packet = ECHO_REQUEST[:size]
+    handler.emit(record)
+    wire = [line for line in out.getvalue().splitlines() if "on the wire" in line]
+    assert wire == ["TAP2NET 1: on the wire: [00 %02x] %s%s" % (size, ECHO_REQUEST[:24].hex(" "),
+                                                                " ..." if more else "")]
+
+
+def test_a_tcp_segment_with_options_says_its_data_length_not_its_options():
+    options = b"\x02\x04\x05\xb4" + b"\x01" * 8  # MSS, then no-ops: a 32-byte header
+    segment = struct.pack("!HHIIBBHHH", 40000, 5201, 1, 2, 8 << 4, 0x18, 65535, 0, 0) + options + b"hello"
+    assert "TCP 40000 > 5201 [ACK,PSH] len=5" in simpletun.describe(ipv4(6, segment), tap=False)
+
+
+@pytest.mark.parametrize("size, error", [(15, "15 bytes is too short a secret"), (16, None)])
+def test_a_key_file_needs_16_bytes_or_more(tmp_path, size, error):
+    path = tmp_path / "class.key"
+    path.write_bytes(bytes(range(size)))
+    path.chmod(0o600)
+    if error:
+        with pytest.raises(simpletun.UserError, match=error):
+            simpletun.read_key(str(path))
+    else:
+        assert len(simpletun.read_key(str(path))) == 32
+
+
+def test_a_run_of_datagrams_fits_one_send_with_its_tags_and_a_size_too_big_to_batch_goes_alone():
+    packets = frame(ipv4(17, bytes(980))) * 100  # 1000-byte packets
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("127.0.0.1", 9))
+        link = simpletun.DatagramLink(sock, "127.0.0.1", False, sock.getpeername(), KEY, batches=True)
+        run, _ = link.next_run(memoryview(packets), 0)
+        assert len(run) == simpletun.SEGMENTS_BYTES // (1000 + simpletun.KEY_OVERHEAD)  # 63 sealed in one send
+        link.unbatched = 1000  # a run of 1000-byte datagrams was refused (the path's MTU): one by one
+        run, end = link.next_run(memoryview(packets), 0)
+        assert len(run) == 1 and end == 1002
+
+
+def test_udp_key_takes_a_late_datagram_within_the_window_once_and_refuses_one_older():
+    with keyed_ends() as (tunnel, server, kernel, client):
+        datagrams = [sealed(client, UDP_PACKET) for _ in range(simpletun.REPLAY_WINDOW + 2)]
+        assert server.opened(datagrams[-1]) == UDP_PACKET  # the newest
+        late = len(datagrams) - 1 - (simpletun.REPLAY_WINDOW - 1)
+        assert server.opened(datagrams[late]) == UDP_PACKET  # 63 behind: still in the window
+        assert server.opened(datagrams[late]) is False  # but only once
+        assert server.opened(datagrams[late - 1]) is False  # 64 behind: too old to tell, refused
+
+
+def test_udp_key_ends_beat_once_a_heartbeat_has_gone_unsent_and_not_before():
+    with keyed_ends() as (tunnel, server, kernel, client):
+        client.sent_at = time.monotonic() - simpletun.UDP_HEARTBEAT / 2
+        client.tick(time.monotonic())
+        assert not select.select([server.sock], [], [], 0.2)[0]  # sent a moment ago: no beat yet
+        client.sent_at = time.monotonic() - simpletun.UDP_HEARTBEAT - 0.05
+        client.tick(time.monotonic())
+        assert select.select([server.sock], [], [], TIMEOUT)[0]
+        assert len(server.sock.recv(100)) == simpletun.KEY_OVERHEAD
+
+
+def test_udp_key_a_replay_from_a_sender_never_served_is_named_a_replay_not_a_replaced_key_holder(caplog):
+    with keyed_ends() as (tunnel, server, kernel, client), \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+        recorded = sealed(client, UDP_PACKET)
+        client.sock.send(recorded)
+        until_received(tunnel, server)
+        attacker.sendto(recorded, server.sock.getsockname())
+        time.sleep(0.05)
+        assert server.receive() is None
+        said = [m for m in messages_of(caplog) if "port %d" % attacker.getsockname()[1] in m]
+        assert len(said) == 1 and "no valid --key tag" in said[0] and "replays" in said[0], said
+
+
+def test_a_tap_students_neighbour_solicitation_for_a_classmates_address_claims_nothing(server_rig, monkeypatch):
+    server_addresses(monkeypatch, SERVER_MAC, "10.0.0.1")
+    r = server_rig(clients=3, tap=True)
+    a = student(r, "10.0.0.2", mac=ALICE_MAC)
+    a.sendall(frame(ethernet(0x86DD, ipv6(17, bytes(8), src="fd00::2", dst="fd00::1"), dst=SERVER_MAC,
+                             src=ALICE_MAC)))
+    assert r.kernel.recv(65536)  # alice owns fd00::2
+    b = student(r, "10.0.0.3", mac=BOB_MAC)
+    asking = ethernet(0x86DD, ipv6(58, struct.pack("!BBHI", 135, 0, 0, 0) + socket.inet_pton(
+        socket.AF_INET6, "fd00::2"), src="fe80::3", dst="ff02::1:ff00:2"), dst="33:33:ff:00:00:02", src=BOB_MAC)
+    b.sendall(frame(asking))  # "who has fd00::2?": a question, not a claim
+    assert received(a) == asking
+
+
+def test_a_student_owns_at_most_max_owned_addresses_and_one_taken_back_frees_its_place(server_rig, caplog,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(simpletun, "MAX_OWNED", 2)
+    server_addresses(monkeypatch, "10.0.0.1")
+    r = server_rig(clients=3)
+    a = student(r, "10.0.0.2")
+    a.sendall(frame(ipv4(17, b"second", src="10.0.0.5")))
+    assert r.kernel.recv(65536) == ipv4(17, b"second", src="10.0.0.5")  # its second: taken
+    a.sendall(frame(ipv4(17, b"third", src="10.0.0.6")))
+    assert not select.select([r.kernel], [], [], 0.3)[0]  # its third: one too many
+    assert any("from 10.0.0.6: it owns 2" in m for m in caplog.messages)
+    server_addresses(monkeypatch, "10.0.0.1", "10.0.0.5")  # the server's device gets 10.0.0.5
+    r.kernel.send(ipv4(17, b"mine", src="10.0.0.5", dst="10.0.0.2"))
+    assert received(a) == ipv4(17, b"mine", src="10.0.0.5", dst="10.0.0.2")
+    assert any("10.0.0.5 is this server's own address: taken back from 127.0.0.1" in m for m in caplog.messages)
+    a.sendall(frame(ipv4(17, b"third", src="10.0.0.6")))
+    assert r.kernel.recv(65536) == ipv4(17, b"third", src="10.0.0.6")  # one of its two places is free again
+
+
+def test_the_lossy_cable_loses_the_share_asked_for(monkeypatch):
+    calls = []
+    monkeypatch.setattr(simpletun, "ip_command", lambda *args: calls.append(" ".join(args)) or "")
+    for loss in (5, 0.5, 100):
+        simpletun.make_cable_lossy(["ns"], "nft", loss, 0)
+    simpletun.make_cable_lossy(["ns"], "netem", 5, 20)
+    rules = [call for call in calls if "add rule" in call]
+    assert ["numgen random mod 10000 < 500 counter" in rules[0], "mod 10000 < 50 counter" in rules[1],
+            "numgen" not in rules[2] and "veth0 counter drop" in rules[2]] == [True] * 3
+    assert calls[-1].endswith("netem loss 5% delay 20ms")
+
+
+@pytest.mark.parametrize("ss_says, count", [("cubic rto:204 retrans:0/7 rcv_space:14480", "7"), ("cubic", "0")])
+def test_the_demo_counts_every_retransmission_of_the_tunnels_connection(monkeypatch, ss_says, count):
+    monkeypatch.setattr(simpletun, "ip_command", lambda *args: ss_says)
+    assert simpletun.outer_retransmissions("ns", "( dport = :55555 )") == "%s segment(s)" % count
+
+
+def test_a_demo_namespace_is_removed_as_stale_only_when_the_demo_that_made_it_has_gone(monkeypatch, capsys):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    names = ["%s%d-s" % (simpletun.DEMO_PREFIX, gone.pid), "%s%d-c" % (simpletun.DEMO_PREFIX, os.getpid()),
+             "%s%d-a (id: 7)" % (simpletun.DEMO_PREFIX, gone.pid), "someone-elses"]
+    monkeypatch.setattr(simpletun, "ip_command", lambda *args: "\n".join(names) + "\n")
+    removed = []
+    monkeypatch.setattr(simpletun, "remove_namespace", removed.append)
+    simpletun.remove_stale_demos()
+    assert removed == [names[0], names[2].split()[0]]  # the dead demo's, not ours, not another program's
+    assert "demo: removed %s, left behind by an earlier demo" % names[0] in capsys.readouterr().out
+
+
+def test_kept_class_demo_says_who_each_ping_reaches():
+    ns = {"server": "S", "alice": "A", "bob": "B"}
+    pings = [("alice", "10.0.0.1", "server"), ("alice", "10.0.0.3", "bob"), ("bob", "10.0.0.2", "alice")]
+    text = simpletun.keep_instructions(ns, pings, "tcp", "br0")
+    assert re.search(r"ip netns exec A ping 10\.0\.0\.3 +alice pings bob through the tunnel", text), text
+    assert re.search(r"ip netns exec B ping 10\.0\.0\.2 +bob pings alice through the tunnel", text), text
+    single = simpletun.keep_instructions({"server": "S", "client": "C"}, [("client", "10.0.0.1", None)], "udp",
+                                         "veth0")
+    assert re.search(r"ip netns exec C ping 10\.0\.0\.1 +client pings 10\.0\.0\.1 through the tunnel", single)
+    assert "tcpdump -ni veth0 -X udp port 55555" in single
+
+
+def test_demo_bench_rows_say_the_tunnel_as_a_share_of_the_underlay_and_ping_as_time_added(monkeypatch):
+    said = []
+    sink = types.SimpleNamespace(stdout=io.BytesIO(b"listening\n"), kill=lambda: None, wait=lambda: None)
+    monkeypatch.setattr(simpletun, "start_in", lambda namespace, command: sink)
+
+    def ip_command(*args):  # each measurement, as its process prints it
+        call, tunnel = args[-1], "10.0.0." in args[-1]
+        return "%g" % ((500 if tunnel else 2000) if "bench_send" in call else (0.35 if tunnel else 0.1))
+
+    monkeypatch.setattr(simpletun, "ip_command", ip_command)
+    simpletun.bench({"server": "s", "client": "c"}, types.SimpleNamespace(say=said.append), "tun mode")
+    assert said[-3].split()[-2:] == ["x", "0.250"]  # the tunnel carries a quarter of what the cable does
+    assert [line.split()[-2] for line in said[-2:]] == ["+0.250"] * 2  # and adds 0.25 ms to each round trip
+
+
+@contextlib.contextmanager
+def end_without_a_device(monkeypatch):
+    """extended_end() with a stand-in device (no root) and configure_device() recorded, not run."""
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    monkeypatch.setattr(simpletun, "tun_alloc", lambda name, flags: (os.dup(device.fileno()), name))
+    monkeypatch.setattr(simpletun, "set_offload", lambda fd, enabled: None)
+    configured = []
+    monkeypatch.setattr(simpletun, "configure_device", lambda name, interface=None, mtu=None: configured.append(mtu))
+    with device, kernel:
+        yield configured
+
+
+@pytest.mark.parametrize("flags, mtu", [([], 1452), (["-a"], 1438), (["--key", "k"], 1428),
+                                        (["-a", "--key", "k"], 1414), (["--mtu", "1300"], 1300)])
+def test_udp_with_addr_gives_the_device_an_mtu_whose_packets_fit_one_datagram(monkeypatch, flags, mtu):
+    def stop(args, key=None):
+        raise simpletun.UserError("(the device is configured: no further)")
+
+    monkeypatch.setattr(simpletun, "udp_socket", stop)
+    monkeypatch.setattr(simpletun, "read_key", lambda path: KEY)
+    with end_without_a_device(monkeypatch) as configured:
+        args = simpletun.parse_args(["-i", "tun9", "-s", "--udp", "--addr", "10.0.0.1/24"] + flags)
+        with pytest.raises(simpletun.UserError):
+            simpletun.extended_end(args)
+    assert configured == [mtu]  # 1500 - 40 (IPv6) - 8 (UDP), less Ethernet's 14 (tap) and the tag's 24 (--key)
+
+
+@pytest.mark.parametrize("moved, says", [((0, 3), "TAP2NET 0 packets, NET2TAP 3 packets"),
+                                         ((2, 0), "TAP2NET 2 packets, NET2TAP 0 packets"), ((0, 0), None)])
+def test_an_end_sums_up_what_crossed_when_anything_did_either_way(monkeypatch, caplog, moved, says):
+    def serve(tunnel, args, tls=None):
+        tunnel.tap2net, tunnel.net2tap = moved
+
+    monkeypatch.setattr(simpletun, "serve_with_room", serve)
+    with end_without_a_device(monkeypatch):
+        simpletun.extended_end(simpletun.parse_args(["-i", "tun9", "-s"]))
+    summary = [m for m in messages_of(caplog) if m.startswith("simpletun.py: tun9:")]
+    assert summary == ([] if says is None else ["simpletun.py: tun9: %s, 0 dropped" % says])
