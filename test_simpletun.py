@@ -205,6 +205,8 @@ def test_describe_says_what_a_packet_is(packet, tap, says):
     (b"\x10garbage", False, "not an IP packet (8 bytes)"),
     (ECHO_REQUEST[:12], False, "IPv4 truncated header (12 bytes)"),
     (b"\x4f" + ECHO_REQUEST[1:30], False, "IPv4 truncated header (30 bytes)"),  # IHL says 60
+    (b"\x44" + ECHO_REQUEST[1:], False, "IPv4 truncated header (84 bytes)"),  # IHL says 16: no IPv4 header
+    (ipv6(44, bytes(8) + b"rest of a UDP datagram"), False, "IPv6 fe80::1 > ff02::2 fragment (70 bytes)"),
     (ECHO_REQUEST[:24], False, "ICMP truncated (4 bytes)"),
     (TCP_SYN_ACK[:30], False, "TCP truncated header (10 bytes)"),
     (UDP_PACKET[:25], False, "UDP truncated header (5 bytes)"),
@@ -3333,7 +3335,8 @@ def test_udp_server_with_no_client_says_so_once_and_never_that_it_wrote_to_the_n
         assert not link.out and caplog.messages.count(
             "SERVER: no client yet: what the device hands over is dropped until one sends") == 1
         assert any("Read 84 bytes" in m for m in caplog.messages)
-        assert not any("to the network" in m for m in caplog.messages)
+        assert not any("to the network" in m or "not sent" in m for m in caplog.messages)
+        assert link.unsent == 0  # dropped as no one's, not tried and counted as lost
         client.send(UDP_PACKET)
         until_received(tunnel, link)
         kernel.send(ECHO_REQUEST)
@@ -4197,6 +4200,7 @@ def test_an_address_is_given_to_the_device_at_once_for_ipv6_only(monkeypatch):
     (["--demo", "--loss", "100"], ("loss", 100)),
     (["--demo", "--clients", "3"], ("clients", 3)),
     (["--demo", "--clients", "4"], "a class of 2 or 3 clients"),
+    (["-i", "tun0", "-s", "--clients", "2", "--udp"], "--clients cannot go with --udp"),  # the smallest class
 ])
 def test_each_number_the_command_line_takes_is_taken_up_to_its_bound_and_not_past(capsys, argv, taken):
     if isinstance(taken, tuple):
@@ -4422,3 +4426,134 @@ def test_an_end_sums_up_what_crossed_when_anything_did_either_way(monkeypatch, c
         simpletun.extended_end(simpletun.parse_args(["-i", "tun9", "-s"]))
     summary = [m for m in messages_of(caplog) if m.startswith("simpletun.py: tun9:")]
     assert summary == ([] if says is None else ["simpletun.py: tun9: %s, 0 dropped" % says])
+
+
+def test_a_tls_client_whose_server_never_answers_the_handshake_says_so_in_time(certs, monkeypatch):
+    monkeypatch.setattr(simpletun, "HANDSHAKE_TIMEOUT", 0.3)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        sock = socket.create_connection(silent.getsockname())
+        with pytest.raises(simpletun.UserError, match="no TLS handshake within 0 s: does the server run with --tls"):
+            simpletun.secure_client(sock, simpletun.tls_context(False, certs["a"]))
+
+
+def test_a_goodbye_the_peer_never_answers_is_given_up_after_goodbye_time():
+    with room_with_pairs(1) as (room, pairs):
+        ours, theirs = pairs[0]
+        room.say_goodbye(ours, "orderly")  # the peer never closes its side
+        room.expire()
+        assert ours in room.closing
+        room.closing[ours] -= simpletun.GOODBYE_TIME + 0.1  # time passes
+        room.expire()
+        assert ours not in room.closing and ours.fileno() == -1  # forgotten, and closed
+
+
+def test_an_offload_servers_newcomer_that_never_greets_is_cut_even_with_no_client_served(server_rig, caplog,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(simpletun, "HANDSHAKE_TIMEOUT", 0.5)
+    r = server_rig(offload=True)
+    sock = r.connect()
+    sock.sendall(b"\x00")  # one byte: neither a greeting nor an end
+    assert r.closed_by_server(sock, within=3)
+    assert any("no --offload greeting within 0 s: it runs without --offload" in m for m in messages_of(caplog, r.thread))
+
+
+@pytest.mark.parametrize("record", simpletun.TLS_HANDSHAKE_RECORD)
+def test_a_plaintext_server_names_a_tls_handshake_of_every_record_version(record):
+    assert simpletun.first_frame_verdict(record + b"\x02\x00\x01", tap=False, offload=False) == \
+        "it began a TLS handshake: it runs with --tls, this end without"
+
+
+def test_a_refusal_line_names_the_device_to_bring_up_and_the_next_comes_after_the_quiet_time(monkeypatch):
+    lines, now = io.StringIO(), [100.0]
+    monkeypatch.setattr(simpletun.time, "monotonic", lambda: now[0])
+    handler = simpletun.Lines(program_args(), lines)
+    for at in (100.0, 100.5, 100.0 + simpletun.QUIET_TIME):  # the second within the quiet time, the third after
+        now[0] = at
+        handler.emit(logging.LogRecord("simpletun", logging.WARNING, "", 0, "NET2TAP %d: %s refused a %d-byte "
+                                       "packet: %s", (1, "tun9", 84, os.strerror(errno.EIO)), None))
+    said = lines.getvalue().splitlines()
+    assert len(said) == 2 and said[0].endswith("-- is the device down? (ip link set tun9 up)")
+    assert said[1].endswith("(and 1 more since the last such line)")
+
+
+def test_a_plain_run_turns_the_devices_offload_off_and_an_offload_run_asks_for_udp_too(monkeypatch):
+    calls = []
+
+    def ioctl(fd, request, flags):
+        calls.append(flags)
+        if flags & simpletun.TUN_F_USO4:
+            raise OSError(errno.EINVAL, "an older kernel")
+
+    monkeypatch.setattr(simpletun.fcntl, "ioctl", ioctl)
+    simpletun.set_offload(5, False)
+    simpletun.set_offload(5, True)
+    tcp = simpletun.TUN_F_CSUM | simpletun.TUN_F_TSO4 | simpletun.TUN_F_TSO6 | simpletun.TUN_F_TSO_ECN
+    assert calls == [0, tcp | simpletun.TUN_F_USO4 | simpletun.TUN_F_USO6, tcp]  # off; UDP too, else TCP only
+
+
+def test_udp_big_datagrams_many_at_once_each_reach_the_device_whole():
+    big = ipv4(17, bytes(range(256)) * 234)  # 59924 bytes: four of them outgrow one receive buffer
+    with udp_ends() as (tunnel, link, kernel, client):
+        client.send(UDP_PACKET)
+        until_received(tunnel, link)
+        kernel.recv(65536)
+        for _ in range(6):
+            client.send(big)
+        time.sleep(0.1)
+        written = []
+        while len(written) < 6:
+            until_received(tunnel, link)
+            while select.select([kernel], [], [], 0)[0]:
+                written.append(kernel.recv(65536))
+        assert written == [big] * 6 and not link.malformed
+
+
+def test_udp_key_packets_go_to_the_device_as_they_came_the_key_holder_is_no_lab_relay():
+    with keyed_ends() as (tunnel, server, kernel, client):
+        client.sock.send(sealed(client, b"\x00" * 40))  # no IP packet, but from a key holder: the kernel judges
+        until_received(tunnel, server)
+        assert kernel.recv(65536) == b"\x00" * 40 and not server.malformed
+
+
+def test_udp_server_without_key_names_a_key_holders_datagrams_for_what_they_are(caplog):
+    with udp_ends() as (tunnel, link, kernel, client):
+        keyed = simpletun.DatagramLink(client, "127.0.0.1", False, client.getpeername(), KEY)
+        client.send(sealed(keyed, ECHO_REQUEST))
+        until_received(tunnel, link)
+        assert link.peer is None and not select.select([kernel], [], [], 0.1)[0]
+        assert any("it runs with --key, this end without: give both ends the same --key FILE" in m
+                   for m in messages_of(caplog))
+
+
+def test_the_servers_own_addresses_are_its_ipv4_and_ipv6_ones_as_ip_lists_them(monkeypatch):
+    monkeypatch.setattr(simpletun, "ip_command", lambda *args: (
+        "5: tun0    inet 10.0.0.1/24 scope global tun0\\       valid_lft forever preferred_lft forever\n"
+        "5: tun0    inet6 fd00::1/64 scope global \\       valid_lft forever preferred_lft forever\n"
+        "5: tun0    inet6 fe80::5/64 scope link \\       valid_lft forever preferred_lft forever\n"))
+    assert simpletun.device_addresses("no-such-device-here") == [
+        socket.inet_aton("10.0.0.1"), socket.inet_pton(socket.AF_INET6, "fd00::1"),
+        socket.inet_pton(socket.AF_INET6, "fe80::5")]  # (and no MAC: a tun device has none)
+
+
+@pytest.mark.parametrize("times, loss, status", [([0.001] * 3, 0, 0), ([0.001, None, 0.001], 0, 1),
+                                                 ([0.001, None, 0.001], 20, 0), ([None] * 10, 20, 1)])
+def test_the_demos_pinger_fails_unless_every_reply_came_or_the_lossy_cable_explains_it(monkeypatch, capsys, times,
+                                                                                      loss, status):
+    monkeypatch.setattr(simpletun, "ping", lambda address, count, say: times)
+    assert simpletun.demo_ping("10.0.0.1", len(times), loss) == status
+
+
+def test_two_writes_sends_each_frames_length_and_packet_apart_and_a_client_asks_for_it():
+    sent = []
+    fake = types.SimpleNamespace(sendall=lambda data: sent.append(bytes(data)), setblocking=lambda on: None,
+                                 setsockopt=lambda *option: None)
+    link = simpletun.TwoWritesLink(fake, "peer")
+    link.out += frame(ECHO_REQUEST) + frame(UDP_PACKET)
+    link.send_queued()
+    assert sent == [HEADER.pack(84), ECHO_REQUEST, HEADER.pack(len(UDP_PACKET)), UDP_PACKET] and not link.out
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs = listener.accept()[0]
+    with ours, theirs:
+        made = simpletun.client_link(ours, "h", program_args(two_writes=True, tls=None, addr=None), None, 1.0)
+        assert type(made) is simpletun.TwoWritesLink
