@@ -4559,3 +4559,21 @@ def test_two_writes_sends_each_frames_length_and_packet_apart_and_a_client_asks_
     with ours, theirs:
         made = simpletun.client_link(ours, "h", program_args(two_writes=True, tls=None, addr=None), None, 1.0)
         assert type(made) is simpletun.TwoWritesLink
+
+
+def test_a_class_client_that_takes_nothing_is_named_each_time_it_stalls_once(caplog):
+    with room_with_pairs(1) as (room, pairs):
+        switch = simpletun.Switch(room, 3)
+        link = simpletun.ExtraLink(pairs[0][0], "10.0.0.3's host", heard=True)
+        switch.join(link)
+        switch.owners[socket.inet_aton("10.0.0.3")] = link
+        packet = frame(ipv4(17, b"for it", src="10.0.0.1", dst="10.0.0.3"))
+        said = lambda: [m for m in messages_of(caplog) if "takes nothing" in m]  # noqa: E731
+        for stall in (1, 2):  # it stops reading, reads again, stops again
+            link.out += bytes(simpletun.OUT_LIMIT)
+            for _ in range(3):
+                switch.deliver(packet, socket.inet_aton("10.0.0.3"))
+            assert len(said()) == stall and switch.lost == 3 * stall  # each stall named once, each loss counted
+            del link.out[:]  # it took everything
+            switch.move(link, lambda: None)
+        switch.close()
