@@ -2881,10 +2881,11 @@ def test_udp_a_flood_of_new_senders_is_counted_and_a_sender_after_it_is_still_na
     with udp_ends() as (tunnel, link, kernel, client):
         client.send(UDP_PACKET)
         until_received(tunnel, link)
+        strangers = contextlib.ExitStack()  # each open to the end: 60 senders, no port of one taken again
         for flood in range(3):  # three floods of 20 spoofed senders, NAMING_TIME s apart
             for _ in range(20):
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
-                    stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
+                stranger = strangers.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
             for _ in range(3):
                 simpletun.net2tap(tunnel, link)
             named = [m for m in messages_of(caplog) if "dropping datagrams" in m]
@@ -2897,6 +2898,7 @@ def test_udp_a_flood_of_new_senders_is_counted_and_a_sender_after_it_is_still_na
             assert "from 127.0.0.1 port %d: its first frame (40 bytes) is not an IP packet" % real.getsockname()[1] \
                 in messages_of(caplog)[-1]
         link.close()
+        strangers.close()
         assert messages_of(caplog)[-1] == "SERVER: dropped 61 datagram(s) from other senders (%d of them from " \
             "senders not named: a flood of new ones)" % (60 - 3 * simpletun.NAMES_AT_ONCE)
 
