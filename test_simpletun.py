@@ -2679,6 +2679,29 @@ def room_with_pairs(count):
             theirs.close()
 
 
+def test_newcomers_and_goodbyes_end_at_their_deadline_to_the_moment(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(simpletun.time, "monotonic", lambda: now[0])
+    with room_with_pairs(3) as (room, pairs):
+        room.active = types.SimpleNamespace(address="10.0.0.9")  # a client is served: silence has a deadline
+        silent = simpletun.Newcomer(pairs[0][0], "silent", None)  # deadline: PROOF_TIMEOUT after it came
+        greeting = simpletun.Newcomer(pairs[1][0], "greeting", 1000.0 + simpletun.PROOF_TIMEOUT + 2)
+        for newcomer in (silent, greeting):
+            room.newcomers[newcomer.sock] = newcomer
+            room.register(newcomer.sock, selectors.EVENT_READ, lambda events: None)
+        room.say_goodbye(pairs[2][0], "cut")  # a goodbye: GOODBYE_TIME s for the peer's half
+        ends = [(1000.0 + simpletun.GOODBYE_TIME, room.closing, pairs[2][0]),
+                (1000.0 + simpletun.PROOF_TIMEOUT, room.newcomers, silent.sock),
+                (1000.0 + simpletun.PROOF_TIMEOUT + 2, room.newcomers, greeting.sock)]
+        for deadline, waiting, sock in sorted(ends, key=lambda end: end[0]):
+            now[0] = deadline - 0.01
+            room.expire()
+            assert sock in waiting, deadline
+            now[0] = deadline
+            room.expire()
+            assert sock not in waiting, deadline
+
+
 def test_two_newcomers_proven_in_one_wake_up_leave_no_connection_behind():
     # Regression: the second overwrote the first in the room, whose connection was never closed.
     with room_with_pairs(2) as (room, pairs):
@@ -4183,6 +4206,14 @@ def test_the_start_of_a_packet_too_short_for_its_length_field_is_no_ip_packet():
             assert simpletun.looks_like_ip(packet[:size], len(packet)) is (size >= 6), (packet[:1], size)
 
 
+def test_an_ipv4_header_shorter_than_20_bytes_is_no_ip_packet():
+    for ihl in range(16):  # the header's length in 4-byte words: 5 (20 bytes) or more
+        packet = bytes([0x40 | ihl]) + ECHO_REQUEST[1:]
+        assert simpletun.looks_like_ip(packet, len(packet)) is (ihl >= 5), ihl
+        assert (simpletun.first_frame_verdict(frame(packet), tap=False, offload=False) is simpletun.PROVEN) \
+            is (ihl >= 5), ihl
+
+
 def test_an_address_is_given_to_the_device_at_once_for_ipv6_only(monkeypatch):
     calls = []
     monkeypatch.setattr(simpletun, "ip_command", lambda *args: calls.append(args) or "")
@@ -4459,7 +4490,7 @@ def test_an_offload_servers_newcomer_that_never_greets_is_cut_even_with_no_clien
     assert any("no --offload greeting within 0 s: it runs without --offload" in m for m in messages_of(caplog, r.thread))
 
 
-@pytest.mark.parametrize("record", simpletun.TLS_HANDSHAKE_RECORD)
+@pytest.mark.parametrize("record", [b"\x16\x03\x01", b"\x16\x03\x02", b"\x16\x03\x03"])  # TLS 1.0, 1.1, 1.2
 def test_a_plaintext_server_names_a_tls_handshake_of_every_record_version(record):
     assert simpletun.first_frame_verdict(record + b"\x02\x00\x01", tap=False, offload=False) == \
         "it began a TLS handshake: it runs with --tls, this end without"
