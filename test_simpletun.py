@@ -4610,3 +4610,20 @@ def test_a_class_client_that_takes_nothing_is_named_each_time_it_stalls_once(cap
             del link.out[:]  # it took everything
             switch.move(link, lambda: None)
         switch.close()
+
+
+def test_an_ipv4_packets_padding_beyond_its_total_length_is_not_its_payload():
+    padded = UDP_PACKET + bytes(4)  # e.g. an Ethernet frame's minimum size, padded
+    assert simpletun.describe(padded, tap=False) == "IPv4 10.0.0.2 > 10.0.0.1 UDP 40000 > 7777 len=5 (37 bytes)"
+
+
+@pytest.mark.parametrize("rest, says", [(b"\x00", "1 byte(s) of the next frame's length wait"),
+                                        (b"\x00\x10\x45", "3 of the next frame's 18 bytes wait")])
+def test_debug_twice_after_a_whole_frame_says_what_of_the_next_one_waits(caplog, rest, says):
+    caplog.set_level(logging.DEBUG, logger="simpletun")
+    link = simpletun.Link(None, "peer")
+    data = frame(UDP_PACKET) + rest
+    link.buffer[:len(data)] = data
+    simpletun.log_receive(link, len(data))
+    assert caplog.messages[-1] == "NET2TAP: a receive brought %d bytes from TCP: 1 whole frame(s); %s for the " \
+        "next receive" % (len(data), says)
