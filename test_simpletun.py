@@ -1151,6 +1151,12 @@ def test_tap_mtu_goes_up_to_the_kernels_tap_maximum_and_no_further(lab):
     assert "a tap device takes an MTU of at most 65521" in result.stderr
 
 
+def ctrl_c_as_in_a_terminal():
+    """In a child: Ctrl-C (SIGINT) does what it does in a terminal. A suite started in the background
+    (cmd &, a CI runner) ignores SIGINT, and its children would inherit that: Ctrl-C would not reach them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Demos:
     """The demos a test started. A demo names its namespaces after its pid: the test counts and removes
     only those, never another user's demo or another suite's on the same machine."""
@@ -1161,7 +1167,8 @@ class Demos:
     def start(self, *args, **kw):
         """Start `simpletun.py --demo ARGS` with its output in a pipe; remember its pid."""
         process = subprocess.Popen([sys.executable, "-u", SCRIPT, "--demo"] + list(args), stdout=subprocess.PIPE,
-                                   stderr=kw.pop("stderr", subprocess.STDOUT), text=True, **kw)
+                                   stderr=kw.pop("stderr", subprocess.STDOUT), text=True,
+                                   preexec_fn=ctrl_c_as_in_a_terminal, **kw)
         self.pids.append(process.pid)
         return process
 
@@ -2559,6 +2566,7 @@ def run_in_a_terminal(argv, interrupt_when, pids, timeout=60):
     import pty
     pid, terminal = pty.fork()
     if pid == 0:
+        ctrl_c_as_in_a_terminal()
         os.execv(argv[0], argv)
     pids.append(pid)
     out, pressed, deadline = b"", False, time.monotonic() + timeout
@@ -2573,6 +2581,8 @@ def run_in_a_terminal(argv, interrupt_when, pids, timeout=60):
                 os.write(terminal, b"\x03")  # Ctrl-C
                 pressed = True
     os.close(terminal)
+    if time.monotonic() >= deadline:  # still running: stop it as its user would (it cleans up); the
+        os.kill(pid, signal.SIGTERM)  # test then fails on what it printed, never hangs
     _, status = os.waitpid(pid, 0)
     return out.decode(errors="replace"), os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
 
