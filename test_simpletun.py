@@ -2911,10 +2911,9 @@ def test_udp_server_drops_strangers_naming_each_once_and_takes_a_new_client_afte
 
 def test_udp_a_flood_of_new_senders_is_counted_and_a_sender_after_it_is_still_named(caplog, monkeypatch):
     monkeypatch.setattr(simpletun, "MAX_STRANGERS", 10)
-    with udp_ends() as (tunnel, link, kernel, client):
-        client.send(UDP_PACKET)
+    with udp_ends() as (tunnel, link, kernel, client), contextlib.ExitStack() as strangers:
+        client.send(UDP_PACKET)  # (each stranger stays open to the end: 60 senders, no port of one taken again)
         until_received(tunnel, link)
-        strangers = contextlib.ExitStack()  # each open to the end: 60 senders, no port of one taken again
         for flood in range(3):  # three floods of 20 spoofed senders, NAMING_TIME s apart
             for _ in range(20):
                 stranger = strangers.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
@@ -2931,7 +2930,6 @@ def test_udp_a_flood_of_new_senders_is_counted_and_a_sender_after_it_is_still_na
             assert "from 127.0.0.1 port %d: its first frame (40 bytes) is not an IP packet" % real.getsockname()[1] \
                 in messages_of(caplog)[-1]
         link.close()
-        strangers.close()
         assert messages_of(caplog)[-1] == "SERVER: dropped 61 datagram(s) from other senders (%d of them from " \
             "senders not named: a flood of new ones)" % (60 - 3 * simpletun.NAMES_AT_ONCE)
 
