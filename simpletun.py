@@ -1172,12 +1172,9 @@ def describe_ethernet(frame):
         return "Ethernet truncated header (%d bytes)" % len(frame)
     destination, source, ethertype = ETHERNET.unpack_from(frame)
     payload = frame[ETHERNET.size:]
-    if ethertype == ETHERTYPE_ARP:
-        inner = describe_arp(payload)
-    elif ethertype in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
-        inner = describe_ip(payload)
-    else:
-        inner = "EtherType 0x%04x (%d bytes)" % (ethertype, len(frame))
+    inner = (describe_arp(payload) if ethertype == ETHERTYPE_ARP else
+             describe_ip(payload) if ethertype in (ETHERTYPE_IPV4, ETHERTYPE_IPV6) else
+             "EtherType 0x%04x (%d bytes)" % (ethertype, len(frame)))
     # the group bit of the first byte: broadcast (all ones), or multicast (e.g. 33:33:.. for IPv6)
     kind = "" if not destination[0] & 1 else " broadcast" if destination == b"\xff" * 6 else " multicast"
     return "%s (Ethernet %s > %s%s)" % (inner, mac_text(source), mac_text(destination), kind)
@@ -2066,8 +2063,7 @@ def loss_explains(replies, count, loss):
 
 def remove_stale_demos():
     """Remove the namespaces of earlier demos whose process is gone (killed before it cleaned up)."""
-    for line in ip_command("netns", "list").splitlines():
-        name = (line.split() or [""])[0]
+    for name in ip_command("netns", "list").split():  # lines "NAME (id: N)": only a NAME has the prefix
         pid = name[len(DEMO_PREFIX):-2]  # the demo that made it
         if name.startswith(DEMO_PREFIX) and pid.isdigit() and not os.path.exists("/proc/" + pid):
             remove_namespace(name)
@@ -2076,10 +2072,14 @@ def remove_stale_demos():
 
 def remove_namespace(name):
     """End what still runs in a demo namespace (the demo started it), then delete the namespace."""
-    for pid in ip_command("netns", "pids", name).split():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
-    ip_command("netns", "delete", name)
+    try:
+        for pid in ip_command("netns", "pids", name).split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        ip_command("netns", "delete", name)
+    except UserError:  # gone already (never made, or another demo removed it as stale just now): done
+        if name in ip_command("netns", "list").split():
+            raise
 
 
 def lossy_cable_method(loss, delay):
@@ -2251,8 +2251,7 @@ def demo(args):
                 process.wait()
         timeline.flush()
         for name in ns.values():
-            if name in ip_command("netns", "list"):
-                remove_namespace(name)
+            remove_namespace(name)
         timeline.say("removed %s namespaces and everything in them" % (
             "both" if len(ns) == 2 else "all " + DEMO_COUNT[len(ns)]))
         timeline.flush()

@@ -4402,6 +4402,19 @@ def test_a_demo_namespace_is_removed_as_stale_only_when_the_demo_that_made_it_ha
     assert "demo: removed %s, left behind by an earlier demo" % names[0] in capsys.readouterr().out
 
 
+def test_a_demo_namespace_another_demo_removed_first_is_gone_all_the_same(monkeypatch):
+    listed = ["%s1-s" % simpletun.DEMO_PREFIX, "(id:", "3)"]
+
+    def ip(*args):
+        if args[1] == "list":
+            return " ".join(listed)
+        raise simpletun.UserError("ip netns %s: No such file or directory" % args[1])
+    monkeypatch.setattr(simpletun, "ip_command", ip)
+    simpletun.remove_namespace(simpletun.DEMO_PREFIX + "2-s")  # not listed: another demo removed it
+    with pytest.raises(simpletun.UserError, match="No such file"):
+        simpletun.remove_namespace(listed[0])  # still there, and ip cannot delete it: that is an error
+
+
 def test_kept_class_demo_says_who_each_ping_reaches():
     ns = {"server": "S", "alice": "A", "bob": "B"}
     pings = [("alice", "10.0.0.1", "server"), ("alice", "10.0.0.3", "bob"), ("bob", "10.0.0.2", "alice")]
