@@ -1926,6 +1926,7 @@ DEMO_TUNNEL = {"server": "10.0.0.1/24", "client": "10.0.0.2/24",  # the private 
                "alice": "10.0.0.2/24", "bob": "10.0.0.3/24", "carol": "10.0.0.4/24"}
 DEMO_LAN = {"server": "10.1.0.1/24", "lan": "10.1.0.2/24"}  # --lan: a network behind the server
 DEMO_PINGS, DEMO_PINGS_LOSSY = 3, 10  # with --loss: enough to tell a lossy cable from a broken tunnel
+PING_WAIT, PING_WAIT_TCP = 2, 6  # s per reply; under TCP a lossy cable's repairs come late (RTO 1-3 s)
 DEMO_PINGS_CLASS = 1  # --clients: to each of two hosts from each client, a timeline short enough to read
 DEMO_WAIT = 10  # seconds for each end to come up, and to go
 DEMO_COUNT = {2: "two", 3: "three", 4: "four"}  # how many hosts the demo makes, in words
@@ -2015,7 +2016,7 @@ class Timeline:
         self.emit(float("inf"))
 
 
-def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=lambda text: None):
+def ping(address, count=DEMO_PINGS, timeout=PING_WAIT, interval=0.2, say=lambda text: None):
     """ping (a fresh machine may lack it), by the kernel's ping socket: round trip times (None: no reply)."""
     times = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP) as sock:
@@ -2037,11 +2038,11 @@ def ping(address, count=DEMO_PINGS, timeout=2.0, interval=0.2, say=lambda text: 
     return times
 
 
-def demo_ping(address, count=DEMO_PINGS, loss=0):
+def demo_ping(address, count=DEMO_PINGS, loss=0, wait=PING_WAIT):
     """The demo's pinger (client host): exit status 0 if every reply came, or what `loss` % explains."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # the demo stops us like Ctrl-C
     try:
-        times = ping(address, count, say=lambda text: print(stamped(text), flush=True))
+        times = ping(address, count, wait, say=lambda text: print(stamped(text), flush=True))
     except KeyboardInterrupt:
         return 1
     except OSError as err:  # e.g. the tunnel's device went away under us
@@ -2049,8 +2050,8 @@ def demo_ping(address, count=DEMO_PINGS, loss=0):
         return 1
     replies = count - times.count(None)
     if loss:
-        print(stamped("%d of %d replies came back; the cable loses about %.0f %% of round trips (%g %% each "
-                      "way)" % (replies, count, 100 - (100 - loss) ** 2 / 100, loss)), flush=True)
+        print(stamped("%d of %d replies came back within %g s; the cable loses about %.0f %% of round trips "
+                      "(%g %% each way)" % (replies, count, wait, loss * (2 - loss / 100), loss)), flush=True)
     return 0 if loss_explains(replies, count, loss) else 1
 
 
@@ -2209,8 +2210,8 @@ def demo(args):
                 timeline.say("%s pings the server (%s)" % (side, address) if to == "server" else
                              "%s pings %s (%s): the server passes each packet on, a client to a client"
                              % (side, to, address))
-            running["ping"] = pinger = timeline.launch("ping", ns[side], calling("demo_ping(%r, %d, %g)" % (
-                address, count, args.loss)))
+            running["ping"] = pinger = timeline.launch("ping", ns[side], calling("demo_ping(%r, %d, %g, %g)"
+                % (address, count, args.loss, PING_WAIT_TCP if args.loss and not args.udp else PING_WAIT)))
             timeline.pump(lambda: pinger.poll() is not None)  # noqa: B023 (this pinger, waited for here)
             crossed = crossed and pinger.returncode == 0
         if args.diagram:  # the first echo request; a class's first from a client to a client
