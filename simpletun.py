@@ -2369,7 +2369,7 @@ def journey(lines, target, hosts, cable):
                 events.append((here, "D" + who, t, "NET2TAP %s: wrote %s bytes to the device" % (n, size)))
     events.append(("D" + names[0], "ping", end, "echo reply, icmp_seq=1"))
     out += ["    %s->>%s: %s (+%.2f ms)" % (a, b, re.sub(r"[;#\"']", "", text), (t - start) * 1000)
-            for a, b, t, text in events]
+            for a, b, t, text in sorted(events, key=lambda event: event[2])]  # (a receive waits for its cut)
     out.append("    Note over ping,%s: round trip %s, as ping measured it" % (lifelines[-1][0],
                                                                             said.split("time=")[1]))
     return "\n".join(out) + "\n"

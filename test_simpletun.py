@@ -4385,6 +4385,30 @@ def test_the_lossy_cable_loses_the_share_asked_for(monkeypatch):
     assert calls[-1].endswith("netem loss 5% delay 20ms")
 
 
+def test_the_journey_draws_each_arrow_in_time_order_when_two_hosts_log_at_once():
+    # A class in tap mode: the server writes alice's ARP broadcast to its own device while bob receives it
+    # too; here bob's receive comes first, and bob cuts the frame only after the server's write.
+    arp, reply = "ARP who-has 10.0.0.3 tell 10.0.0.2", "ARP reply 10.0.0.3 is-at 0e:e1:8a:3d:0a:3b"
+    brought = "NET2TAP: a receive brought 44 bytes from TCP: 1 whole frame(s); nothing left over"
+    told = [("ping", "echo request to 10.0.0.3: icmp_seq=1"), ("alice", "TAP2NET 6: Read 42 bytes from the tap "
+            "interface"), ("alice", "TAP2NET 6: " + arp), ("alice", "TAP2NET 6: Written 42 bytes to the network"),
+            ("server", brought), ("server", "CLASS: 192.0.2.2 -> 192.0.2.3: 42 bytes, forwarded by the server"),
+            ("bob", brought), ("server", "NET2TAP 9: Read 42 bytes from the network"), ("server", "NET2TAP 9: " + arp),
+            ("server", "NET2TAP 9: Written 42 bytes to the tap interface"),
+            ("bob", "NET2TAP 3: Read 42 bytes from the network"), ("bob", "NET2TAP 3: " + arp),
+            ("bob", "NET2TAP 3: Written 42 bytes to the tap interface"), ("bob", "TAP2NET 4: Read 42 bytes from the "
+            "tap interface"), ("bob", "TAP2NET 4: " + reply), ("bob", "TAP2NET 4: Written 42 bytes to the network"),
+            ("ping", "reply from 10.0.0.3: icmp_seq=1 time=1.60 ms")]
+    lines = [(1 + n / 10000, who, text) for n, (who, text) in enumerate(told)]
+    drawn = simpletun.journey(lines, "10.0.0.3", {"alice": "192.0.2.2", "server": "192.0.2.1", "bob": "192.0.2.3"},
+                              "tcp").splitlines()
+    arrows = [line for line in drawn if "->>" in line]
+    times = [float(re.search(r"\(\+([\d.]+) ms\)$", line)[1]) for line in arrows]
+    assert times == sorted(times) and len(arrows) == 13, drawn
+    assert arrows.index("    C->>Sbob: a receive brought 44 bytes from TCP: 1 whole frame(s) (+0.60 ms)") + 1 == \
+        arrows.index("    Sserver->>Sserver: NET2TAP 9: cut a packet of 42 bytes (+0.70 ms)"), drawn
+
+
 @pytest.mark.parametrize("ss_says, count", [("cubic rto:204 retrans:0/7 rcv_space:14480", "7"), ("cubic", "0")])
 def test_the_demo_counts_every_retransmission_of_the_tunnels_connection(monkeypatch, ss_says, count):
     monkeypatch.setattr(simpletun, "ip_command", lambda *args: ss_says)
