@@ -34,6 +34,10 @@ import simpletun
 from simpletun import HEADER, LinkEnded, Tunnel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# A suite started in the background (cmd &, a CI runner) ignores SIGINT, and a program it starts would
+# inherit that: the Ctrl-C the tests press would not reach a demo. A handled signal is reset at exec, as
+# a terminal's programs have it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 SCRIPT = os.path.join(HERE, "simpletun.py")
 TIMEOUT = 5  # seconds any single wait may take before the test fails instead of hanging
 
@@ -1151,12 +1155,6 @@ def test_tap_mtu_goes_up_to_the_kernels_tap_maximum_and_no_further(lab):
     assert "a tap device takes an MTU of at most 65521" in result.stderr
 
 
-def ctrl_c_as_in_a_terminal():
-    """In a child: Ctrl-C (SIGINT) does what it does in a terminal. A suite started in the background
-    (cmd &, a CI runner) ignores SIGINT, and its children would inherit that: Ctrl-C would not reach them."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class Demos:
     """The demos a test started. A demo names its namespaces after its pid: the test counts and removes
     only those, never another user's demo or another suite's on the same machine."""
@@ -1167,8 +1165,7 @@ class Demos:
     def start(self, *args, **kw):
         """Start `simpletun.py --demo ARGS` with its output in a pipe; remember its pid."""
         process = subprocess.Popen([sys.executable, "-u", SCRIPT, "--demo"] + list(args), stdout=subprocess.PIPE,
-                                   stderr=kw.pop("stderr", subprocess.STDOUT), text=True,
-                                   preexec_fn=ctrl_c_as_in_a_terminal, **kw)
+                                   stderr=kw.pop("stderr", subprocess.STDOUT), text=True, **kw)
         self.pids.append(process.pid)
         return process
 
@@ -2568,7 +2565,6 @@ def run_in_a_terminal(argv, interrupt_when, pids, timeout=60):
     import pty
     pid, terminal = pty.fork()
     if pid == 0:
-        ctrl_c_as_in_a_terminal()
         os.execv(argv[0], argv)
     pids.append(pid)
     out, pressed, deadline = b"", False, time.monotonic() + timeout
