@@ -4593,10 +4593,11 @@ def test_udp_key_packets_go_to_the_device_as_they_came_the_key_holder_is_no_lab_
         assert kernel.recv(65536) == b"\x00" * 40 and not server.malformed
 
 
-def test_udp_server_without_key_names_a_key_holders_datagrams_for_what_they_are(caplog):
-    with udp_ends() as (tunnel, link, kernel, client):
-        keyed = simpletun.DatagramLink(client, "127.0.0.1", False, client.getpeername(), KEY)
-        client.send(sealed(keyed, ECHO_REQUEST))
+@pytest.mark.parametrize("tap, packet", [(False, ECHO_REQUEST), (False, b""), (True, b"")])  # b"": a heartbeat
+def test_udp_server_without_key_names_a_key_holders_datagrams_for_what_they_are(caplog, tap, packet):
+    with udp_ends(tap) as (tunnel, link, kernel, client):
+        keyed = simpletun.DatagramLink(client, "127.0.0.1", tap, client.getpeername(), KEY)
+        client.send(sealed(keyed, packet))
         until_received(tunnel, link)
         assert link.peer is None and not select.select([kernel], [], [], 0.1)[0]
         assert any("it runs with --key, this end without: give both ends the same --key FILE" in m
