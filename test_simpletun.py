@@ -1434,6 +1434,27 @@ def test_tls_bytes_already_decrypted_are_relayed_without_waiting_for_the_socket(
     assert [r.kernel.recv(65536) for _ in packets] == packets
 
 
+def test_tls_receive_stops_at_a_full_buffer_and_takes_what_is_still_decrypted_next_time(certs):
+    link, peer = tls_link(certs["a"], certs["a"])
+    with link, peer:
+        receiver = simpletun.ExtraLink(link, "peer", size=100, heard=True)
+        peer.setblocking(True)
+        peer.sendall(b"".join(frame(b"x" * 48) for _ in range(10)))  # one record: 500 bytes
+        assert select.select([link], [], [], TIMEOUT)[0]
+
+        def stuck(*_):  # receive() looping on a full buffer: fail, not hang
+            raise AssertionError("receive() did not return")
+        signal.signal(signal.SIGALRM, stuck)
+        signal.setitimer(signal.ITIMER_REAL, TIMEOUT)
+        try:
+            assert receiver.receive() == 100 and link.pending()  # the buffer is full; the rest waits in TLS
+            assert len(list(receiver.cut(100))) == 2 and receiver.kept == 0  # two whole frames, 50 bytes each
+            assert receiver.receive() == 100  # the next two, with no new record on the socket
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
 def der_of(pem_file):
     with open(pem_file) as f:
         return ssl.PEM_cert_to_DER_cert(simpletun.PEM_CERTIFICATE.search(f.read()).group())
@@ -2553,6 +2574,7 @@ def test_demo_with_a_lossy_cable_says_failed_only_when_the_tunnel_failed(clean_d
     (10, 10, 0, True), (9, 10, 0, False),  # a cable that loses nothing: every reply, or the tunnel failed
     (6, 10, 5, True), (2, 10, 5, False), (0, 10, 5, False),
     (3, 10, 20, True), (0, 10, 20, False), (0, 10, 100, True),
+    (2, 10, 20, True), (1, 10, 20, False),  # either side of 1 in 1000: 0.6 % and 0.07 % likely
 ])
 def test_a_lossy_demo_tells_a_lossy_cable_from_a_broken_tunnel(replies, count, loss, explained):
     assert simpletun.loss_explains(replies, count, loss) is explained
@@ -2930,6 +2952,21 @@ def test_udp_a_flood_of_new_senders_is_counted_and_a_sender_after_it_is_still_na
         link.close()
         assert messages_of(caplog)[-1] == "SERVER: dropped 61 datagram(s) from other senders (%d of them from " \
             "senders not named: a flood of new ones)" % (60 - 3 * simpletun.NAMES_AT_ONCE)
+
+
+def test_udp_the_strangers_remembered_are_the_latest_named_not_the_first(caplog, monkeypatch):
+    monkeypatch.setattr(simpletun, "MAX_STRANGERS", 3)
+    with udp_ends() as (tunnel, link, kernel, client):
+        senders = [("192.0.2.%d" % n, 9) for n in range(5)]
+        for n, sender in enumerate(senders):  # NAMING_TIME s apart: each is named
+            link.drop(sender, "noise", now=1000.0 + n * simpletun.NAMING_TIME)
+        assert list(link.strangers) == senders[2:]  # the oldest two forgotten
+        named = len(caplog.messages)
+        link.drop(senders[-1], "noise", now=1100.0)  # the newest again: remembered, not named again
+        assert len(caplog.messages) == named
+        link.drop(senders[0], "noise", now=1100.0)  # the first, forgotten: named once more
+        assert len(caplog.messages) == named + 1 and "192.0.2.0 port 9" in caplog.messages[-1]
+        assert link.dropped == 7
 
 
 def test_udp_served_peers_datagrams_come_through_a_flood_of_the_port(caplog):
@@ -4199,6 +4236,26 @@ def test_each_summary_of_refusals_counts_its_own_period_and_comes_while_the_serv
     assert len([m for m in said() if "is not an IP packet" in m]) == 2  # named once in each period
 
 
+def test_refusals_are_summed_up_report_every_s_after_the_first_however_steady_and_only_if_one_was_unnamed(
+        monkeypatch, caplog):
+    now = [1000.0]
+    monkeypatch.setattr(simpletun.time, "monotonic", lambda: now[0])
+    summaries = lambda: [m for m in caplog.messages if "not named above" in m]  # noqa: E731
+    with room_with_pairs(0) as (room, _):
+        room.refuse("192.0.2.1", "reset", "it reset the connection at once")
+        now[0] += simpletun.REPORT_EVERY / 2
+        room.refuse("192.0.2.2", "closed", "it closed the connection")  # another reason: named too
+        now[0] += simpletun.REPORT_EVERY / 2
+        room.expire()
+        assert summaries() == []  # every refusal was named: nothing to sum up
+        for _ in range(4):  # a steady trickle, one every 3 s: the summary comes all the same
+            room.refuse("192.0.2.3", "reset", "it reset the connection at once")
+            now[0] += 3
+            room.expire()
+        assert summaries() == ["SERVER: refused 4 connection(s) in the last %d s (3 not named above): 4 reset"
+                               % simpletun.REPORT_EVERY]
+
+
 @pytest.mark.parametrize("size, says", [(13, "too short for an Ethernet frame"), (14, simpletun.PROVEN)])
 def test_a_tap_newcomers_first_frame_may_be_as_short_as_an_ethernet_header(size, says):
     head = frame(ethernet(0x0806, arp(1)))[:HEADER.size + size]
@@ -4314,9 +4371,11 @@ def test_udp_key_takes_a_late_datagram_within_the_window_once_and_refuses_one_ol
 
 def test_udp_key_ends_beat_once_a_heartbeat_has_gone_unsent_and_not_before():
     with keyed_ends() as (tunnel, server, kernel, client):
-        client.sent_at = time.monotonic() - simpletun.UDP_HEARTBEAT / 2
-        client.tick(time.monotonic())
+        now = time.monotonic()
+        client.sent_at = now - simpletun.UDP_HEARTBEAT / 2
+        due = client.tick(now)
         assert not select.select([server.sock], [], [], 0.2)[0]  # sent a moment ago: no beat yet
+        assert due == pytest.approx(simpletun.UDP_HEARTBEAT / 2)  # the loop wakes when the beat is due
         client.sent_at = time.monotonic() - simpletun.UDP_HEARTBEAT - 0.05
         client.tick(time.monotonic())
         assert select.select([server.sock], [], [], TIMEOUT)[0]
