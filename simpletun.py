@@ -889,7 +889,7 @@ class WaitingRoom(selectors.DefaultSelector):
         """Refuse a newcomer: say why (see refuse()), and close it `how` (see say_goodbye())."""
         self.leave_room(newcomer)
         self.refuse(newcomer.address, kind, why)
-        self.say_goodbye(newcomer.sock, "cut" if newcomer.handshaking and how == "orderly" else how)
+        self.say_goodbye(newcomer.sock, how)
 
     def leave_room(self, newcomer):
         """A newcomer's wait is over."""
@@ -1988,11 +1988,10 @@ class Timeline:
         """Take what a process printed; whole lines go on the timeline."""
         label, rest = self.sources[fd]
         data = os.read(fd, 65536)
-        if not data:  # the process closed its output: it has ended
+        if not data:  # the process closed its output: it has ended, and its last line with it
             del self.sources[fd]
-            data = b"\n" if rest else b""
         lines = (rest + data).split(b"\n")
-        if fd in self.sources:
+        if fd in self.sources:  # (else the last line is whole, newline or not)
             self.sources[fd][1] = lines.pop()
         for line in lines:
             if line:
