@@ -2693,20 +2693,62 @@ def test_demo_flags_usage_errors(args, reason):
 
 
 @contextlib.contextmanager
-def room_with_pairs(count):
-    """A server's waiting room (stand-in device, loopback listener) and `count` connected socket
-    pairs, (ours, theirs); everything is closed afterwards."""
+def room_with_pairs(count, **options):
+    """A server's waiting room (stand-in device, loopback listener, program_args(**options)) and `count`
+    connected socket pairs, (ours, theirs); everything is closed afterwards."""
     device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pairs = [socket.socketpair() for _ in range(count)]
     try:
         with device, kernel, socket.create_server(("127.0.0.1", 0)) as listener:
-            room = simpletun.WaitingRoom(listener, Tunnel(device.fileno(), "tun9"), program_args())
+            room = simpletun.WaitingRoom(listener, Tunnel(device.fileno(), "tun9"), program_args(**options))
             with room:
                 yield room, pairs
     finally:
         for ours, theirs in pairs:
             ours.close()
             theirs.close()
+
+
+def waiting(room, sock, address="192.0.2.9", deadline=None):
+    """A newcomer in the room, as accept() lets one in."""
+    sock.setblocking(False)
+    newcomer = room.newcomers[sock] = simpletun.Newcomer(sock, address, deadline)
+    room.register(sock, selectors.EVENT_READ, lambda events: room.advance(newcomer))
+    return newcomer
+
+
+def test_a_newcomer_sent_away_earlier_in_the_same_wake_up_is_not_read_again(caplog):
+    with room_with_pairs(1) as (room, [(ours, theirs)]):
+        newcomer = waiting(room, ours)
+        theirs.sendall(b"GET / HTTP/1.1\r\n\r\n")  # its bytes and its deadline in one wake-up
+        room.send_away(newcomer, "silent", "its time is up", "cut")
+        room.advance(newcomer)  # its readable event, handled after: nothing more happens to it
+        assert sum(room.refused.values()) == 1 and ours in room.closing and not room.newcomers
+
+
+@pytest.mark.parametrize("sent, says", [
+    (b"", "it closed the connection without greeting: it runs without --offload"),
+    (simpletun.GREETING_FRAME[:5], "it closed the connection after 5 bytes, without proving itself"),
+])
+def test_an_offload_newcomer_that_closes_is_named_by_what_it_sent_first(caplog, sent, says):
+    with room_with_pairs(1, offload=True) as (room, [(ours, theirs)]):
+        newcomer = waiting(room, ours, deadline=time.monotonic() + TIMEOUT)
+        theirs.sendall(sent)
+        theirs.shutdown(socket.SHUT_WR)
+        room.advance(newcomer)
+        assert caplog.messages[-1] == "SERVER: refused 192.0.2.9: " + says
+
+
+def test_an_offload_newcomers_greeting_is_not_part_of_its_first_frame():
+    with room_with_pairs(1, offload=True) as (room, [(ours, theirs)]):
+        newcomer = waiting(room, ours, deadline=time.monotonic() + TIMEOUT)
+        packet = ECHO_REQUEST
+        theirs.sendall(simpletun.GREETING_FRAME + frame(packet, simpletun.OFFLOAD_HEADER))
+        room.advance(newcomer)
+        link = room.proven
+        assert link.header is simpletun.OFFLOAD_HEADER and link.kept == 0  # the greeting went no further
+        assert select.select([ours], [], [], TIMEOUT)[0]
+        assert [bytes(p) for p in link.cut(link.receive())] == [packet]
 
 
 def test_newcomers_and_goodbyes_end_at_their_deadline_to_the_moment(monkeypatch):
@@ -2919,13 +2961,17 @@ def test_udp_server_drops_strangers_naming_each_once_and_takes_a_new_client_afte
         assert len(dropping) == 2, messages_of(caplog)  # one line per stranger, not per datagram
         assert "but 127.0.0.1 port %d is being served" % client.getsockname()[1] in dropping[0]
         assert any("is not an IP packet" in m for m in dropping)
-        link.heard_at -= simpletun.UDP_SILENCE  # the client has gone quiet
+        link.heard_at -= simpletun.UDP_SILENCE * 0.75  # quiet, but not for long enough
+        stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
+        until_received(tunnel, link)
+        assert link.peer == client.getsockname() and not select.select([kernel], [], [], 0.1)[0]
+        link.heard_at -= simpletun.UDP_SILENCE * 0.25  # the client has gone quiet
         stranger.sendto(ECHO_REQUEST, link.sock.getsockname())
         until_received(tunnel, link)
         assert kernel.recv(65536) == ECHO_REQUEST and link.peer[1] == stranger.getsockname()[1]
         assert "was silent for 3 s" in messages_of(caplog)[-1]
         link.close()
-        assert "SERVER: dropped 10 datagram(s) from other senders (each named above)" in \
+        assert "SERVER: dropped 11 datagram(s) from other senders (each named above)" in \
             messages_of(caplog)[-1]
 
 
@@ -2983,6 +3029,8 @@ def test_udp_served_peers_datagrams_come_through_a_flood_of_the_port(caplog):
         assert select.select([link.own], [], [], 0)[0]  # the kernel put the client's datagram on its socket
         simpletun.net2tap(tunnel, link)  # one wake-up: the peer's packet, and at most PORT_BUDGET of the port's
         assert kernel.recv(65536) == UDP_PACKET and link.dropped == simpletun.PORT_BUDGET
+        for sock in (link.sock, link.own):  # on only while the peer's socket binds
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
             other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             with pytest.raises(OSError):  # no other program may share the port, even asking as we did
@@ -3006,6 +3054,8 @@ def test_udp_client_says_once_when_nothing_answers_and_goes_on(caplog):
                         "running, with --udp? The client goes on, and its packets are lost until it is"
                         % gone[1]]
         assert not link.out
+        link.tick(time.monotonic() + simpletun.UDP_SILENCE + 1)  # the silence goes on: said already, why
+        assert not [m for m in caplog.messages if "nothing has come back" in m]
 
 
 @pytest.mark.netns
@@ -3934,6 +3984,44 @@ def test_offload_client_refuses_a_first_frame_that_is_not_the_greeting():
             simpletun.greet_server(link)
 
 
+def test_the_timeline_keeps_the_last_line_of_a_process_that_ended_without_a_newline():
+    timeline, (r, w) = simpletun.Timeline(), os.pipe()
+    with open(r, "rb", buffering=0) as output:
+        os.set_blocking(r, False)
+        timeline.sources[r] = ["server", b""]
+        os.write(w, b"@1.000000 SERVER: listening on port 55555\nsimpletun.py: error: its last words")
+        os.close(w)
+        while r in timeline.sources:
+            timeline.read(r)
+        assert [text for _, _, text in timeline.lines] == ["SERVER: listening on port 55555",
+                                                           "simpletun.py: error: its last words"]
+
+
+def test_the_demos_ping_takes_only_the_reply_to_the_request_it_waits_for(monkeypatch):
+    class Icmp:  # the kernel's ping socket, with replies that come late, or are no replies
+        def __init__(self, *_):
+            self.waiting = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            pass
+
+        def sendto(self, data, _):
+            sequence = simpletun.ICMP_ECHO.unpack_from(data)[4]
+            late = [simpletun.ICMP_ECHO.pack(0, 0, 0, 0, sequence - 1)]  # the reply to the one before
+            self.waiting += late if sequence == 2 else late + [simpletun.ICMP_ECHO.pack(8, 0, 0, 0, 3),
+                                                               simpletun.ICMP_ECHO.pack(0, 0, 0, 0, 3)]
+
+        def recv(self, _):
+            return self.waiting.pop(0)
+    monkeypatch.setattr(simpletun.socket, "socket", Icmp)
+    monkeypatch.setattr(simpletun.select, "select", lambda r, *_: (r if r[0].waiting else [], [], []))
+    times = simpletun.ping("10.0.0.1", count=3, timeout=0.01, interval=0)
+    assert times[:2] == [None, None] and times[2] is not None  # 1: no reply in time; 2: only 1's, late
+
+
 def test_a_device_write_is_stamped_when_its_packet_arrived_so_the_timeline_keeps_causal_order():
     # Promise: in the demo's timeline a packet's reply (printed by the other end) never comes before
     # the line that wrote its request: the write line carries the time the packet came from TCP.
@@ -3979,6 +4067,19 @@ def test_a_client_reset_by_a_full_waiting_room_is_told_why():
         with client, pytest.raises(LinkEnded) as ended:
             link.receive()
         assert str(ended.value) == simpletun.EVICTED
+
+
+def test_a_client_served_already_that_is_reset_says_its_connection_was_lost_not_that_it_was_evicted():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        served, _ = listener.accept()
+        served.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        served.close()
+        link = simpletun.ExtraLink(client, "127.0.0.1", heard=True)  # a packet came back through it before
+        client.setblocking(False)
+        select.select([client], [], [], TIMEOUT)
+        with client, pytest.raises(ConnectionResetError):  # "CLIENT: connection lost: Connection reset by peer"
+            link.receive()
 
 
 @pytest.mark.parametrize("flags_and_offset, says", [
