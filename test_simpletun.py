@@ -850,6 +850,20 @@ def wait_for(condition, what, timeout=10):
     raise AssertionError("timed out after %d s waiting for %s" % (timeout, what))
 
 
+@contextlib.contextmanager
+def returns_within(seconds, what):
+    """Fail, not hang, if the code inside loops on (main thread only: SIGALRM)."""
+    def stuck(*_):
+        raise AssertionError("%s did not return within %d s" % (what, seconds))
+    signal.signal(signal.SIGALRM, stuck)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
 def log_of(proc):
     return proc.log_path.read_text()
 
@@ -1441,18 +1455,10 @@ def test_tls_receive_stops_at_a_full_buffer_and_takes_what_is_still_decrypted_ne
         peer.setblocking(True)
         peer.sendall(b"".join(frame(b"x" * 48) for _ in range(10)))  # one record: 500 bytes
         assert select.select([link], [], [], TIMEOUT)[0]
-
-        def stuck(*_):  # receive() looping on a full buffer: fail, not hang
-            raise AssertionError("receive() did not return")
-        signal.signal(signal.SIGALRM, stuck)
-        signal.setitimer(signal.ITIMER_REAL, TIMEOUT)
-        try:
+        with returns_within(TIMEOUT, "receive() on a full buffer"):
             assert receiver.receive() == 100 and link.pending()  # the buffer is full; the rest waits in TLS
             assert len(list(receiver.cut(100))) == 2 and receiver.kept == 0  # two whole frames, 50 bytes each
             assert receiver.receive() == 100  # the next two, with no new record on the socket
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 def der_of(pem_file):
@@ -4458,6 +4464,34 @@ def test_a_run_of_datagrams_fits_one_send_with_its_tags_and_a_size_too_big_to_ba
         link.unbatched = 1000  # a run of 1000-byte datagrams was refused (the path's MTU): one by one
         run, end = link.next_run(memoryview(packets), 0)
         assert len(run) == 1 and end == 1002
+
+
+def test_udp_key_takes_a_datagram_numbered_hours_ahead_at_once_and_then_none_older():
+    with keyed_ends() as (tunnel, server, kernel, client):
+        assert server.opened(sealed(client, UDP_PACKET)) == UDP_PACKET
+        old = sealed(client, UDP_PACKET)
+        client.number += 3600 * 10 ** 9  # a client restarted an hour later: its clock's numbers
+        with returns_within(TIMEOUT, "opened()"):
+            assert server.opened(sealed(client, UDP_PACKET)) == UDP_PACKET
+        assert server.seen == 1 and server.opened(old) is False
+
+
+def test_udp_a_run_the_path_refuses_to_send_at_once_goes_one_datagram_at_a_time(caplog):
+    class Path:  # a socket whose route's MTU is smaller than the run's datagrams: UDP_SEGMENT says EINVAL
+        sent = []
+
+        def sendmsg(self, pieces, cut, flags, to):
+            if cut:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            self.sent.append(b"".join(pieces))
+    link = simpletun.DatagramLink(Path(), "127.0.0.1", False, ("127.0.0.1", 9), batches=True)
+    packets = [UDP_PACKET] * 5 + [ECHO_REQUEST] * 3
+    for packet in packets:
+        link.out += frame(packet)
+    with returns_within(TIMEOUT, "send_queued()"):
+        link.send_queued()
+    assert Path.sent == packets and not link.out and link.unsent == 0 and caplog.messages == []
+    assert link.unbatched == len(UDP_PACKET)  # from here on, packets this big go one per call
 
 
 def test_udp_key_takes_a_late_datagram_within_the_window_once_and_refuses_one_older():
