@@ -1378,13 +1378,27 @@ def make_certificate(path, name="simpletun"):
     return str(path)
 
 
+def make_signed_certificate(path, signer):
+    """One PEM file with a certificate the `signer` file's key signed, and its own key."""
+    key, request = path.with_suffix(".key"), path.with_suffix(".csr")
+    for command in (["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                     "-subj", "/CN=signed", "-keyout", str(key), "-out", str(request)],
+                    ["openssl", "x509", "-req", "-in", str(request), "-CA", signer, "-CAkey", signer,
+                     "-days", "30", "-out", str(path)]):
+        subprocess.run(command, check=True, capture_output=True, timeout=TIMEOUT)
+    path.write_text(path.read_text() + key.read_text())
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory):
-    """Two unrelated certificate+key files, 'a' and 'b'."""
+    """Two unrelated certificate+key files, 'a' and 'b'; and 'signed', a certificate 'a' signed."""
     if not shutil.which("openssl"):
         skip_or_fail("needs the openssl command to make certificates")
     where = tmp_path_factory.mktemp("certs")
-    return {name: make_certificate(where / (name + ".pem"), name) for name in ("a", "b")}
+    files = {name: make_certificate(where / (name + ".pem"), name) for name in ("a", "b")}
+    files["signed"] = make_signed_certificate(where / "signed.pem", files["a"])
+    return files
 
 
 class Refused(Exception):
@@ -1480,6 +1494,13 @@ def test_tls_peer_names_the_one_certificate_each_end_accepts(certs):
     assert not isinstance(server, Exception) and not isinstance(client, Exception)
     assert server.getpeercert(binary_form=True) == der_of(certs["b"])
     assert client.getpeercert(binary_form=True) == der_of(certs["a"])
+
+
+def test_a_client_refuses_a_server_whose_certificate_the_pinned_one_signed(certs):
+    # the chain check takes a certificate the pinned one signed; the pin does not
+    server, client = tls_link(certs["signed"], certs["a"], server_peer=certs["a"])
+    assert isinstance(client, Refused)
+    assert str(client) == "CLIENT: the server's certificate is not the pinned one (--tls-peer)"
 
 
 def test_expired_certificate_gets_its_own_hint_not_the_wrong_certificate_one():
@@ -2153,16 +2174,19 @@ def test_debug_three_times_shows_the_length_prefix_before_the_packet_on_the_wire
         in r.lines()
 
 
-@pytest.mark.parametrize("gso_type, size, says", [
-    (1, 1448, "TCP segment offload: 45 segments of 1448"),
-    (1 | 0x80, 1448, "TCP segment offload: 45 segments of 1448"),  # with ECN: the same cut
-    (0, 0, "UDP 40000 > 7777"),
-])
-def test_decoder_says_how_the_kernel_will_cut_a_super_packet(gso_type, size, says):
-    payload = b"d" * (45 * 1448 - 100) if gso_type else b"hello"
-    packet = ipv4(6, struct.pack("!HHIIBBHHH", 40000, 5201, 1, 2, 5 << 4, 0x10, 65535, 0, 0) + payload) \
-        if gso_type else UDP_PACKET
-    header = simpletun.VIRTIO_NET_HDR.pack(1, gso_type, 40, size, 20, 16)
+TCP_SUPER_PACKET = ipv4(6, struct.pack("!HHIIBBHHH", 40000, 5201, 1, 2, 5 << 4, 0x10, 65535, 0, 0) +
+                        b"d" * (45 * 1448 - 100))  # 45 segments' payload, the last one short
+UDP_SUPER_PACKET = ipv4(17, struct.pack("!HHHH", 40000, 7777, 8 + 3 * 1400, 0) + b"u" * (3 * 1400))
+
+
+@pytest.mark.parametrize("gso_type, size, packet, says", [
+    (1, 1448, TCP_SUPER_PACKET, "TCP segment offload: 45 segments of 1448"),
+    (1 | 0x80, 1448, TCP_SUPER_PACKET, "TCP segment offload: 45 segments of 1448"),  # with ECN: the same cut
+    (5, 1400, UDP_SUPER_PACKET, "UDP segment offload: 3 segments of 1400"),  # behind an 8-byte header
+    (0, 0, UDP_PACKET, "UDP 40000 > 7777"),
+], ids=["tcp", "tcp-ecn", "udp", "no-offload"])
+def test_decoder_says_how_the_kernel_will_cut_a_super_packet(gso_type, size, packet, says):
+    header = simpletun.VIRTIO_NET_HDR.pack(1, gso_type, 28 if gso_type == 5 else 40, size, 20, 16)
     text = simpletun.describe(header + packet, tap=False, offload=True)
     assert says in text and text.startswith("IPv4 10.0.0.2 > 10.0.0.1")
 
@@ -2311,16 +2335,9 @@ def test_tls_server_killed_is_a_lost_connection_and_stopped_is_an_orderly_end(la
 
 @pytest.mark.netns
 def test_certificate_signed_by_the_pinned_one_is_refused_and_the_client_says_so(lab, certs):
-    signed = lab.tmp / "signed.pem"
-    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-subj", "/CN=signed", "-keyout", str(lab.tmp / "signed.key"), "-out", str(lab.tmp / "signed.csr")],
-                   check=True, capture_output=True)
-    subprocess.run(["openssl", "x509", "-req", "-in", str(lab.tmp / "signed.csr"), "-CA", certs["a"], "-CAkey",
-                    certs["a"], "-days", "30", "-out", str(signed)], check=True, capture_output=True)
-    signed.write_text(signed.read_text() + (lab.tmp / "signed.key").read_text())
     server = lab.tunnel("s", "-i", "tun0", "--tls", certs["a"], "-d")
     wait_for(lambda: "listening" in log_of(server), "the server to listen")
-    client = lab.tunnel("c", "-i", "tun0", "--addr", "10.9.0.2/24", "--tls", str(signed), "--tls-peer", certs["a"])
+    client = lab.tunnel("c", "-i", "tun0", "--addr", "10.9.0.2/24", "--tls", certs["signed"], "--tls-peer", certs["a"])
     assert client.wait(TIMEOUT * 2) == 1
     assert "the peer refused this end" in log_of(client)
     assert "its certificate is not the pinned one" in log_of(server)
@@ -2687,6 +2704,7 @@ def test_demo_bench_prints_the_underlay_and_the_tunnel_side_by_side(clean_demo):
 @pytest.mark.parametrize("args, reason", [
     (["-i", "tun0", "-s", "--keep"], "--keep is for the demo"),
     (["-i", "tun0", "-s", "--loss", "5"], "--loss is for the demo"),
+    (["-i", "tun0", "-s", "--diagram", "journey.mmd"], "--diagram is for the demo"),
     (["--demo", "--loss", "101"], "a percentage is a number from 0 to 100"),
     (["--demo", "--bind", "1.2.3.4"], "--demo sets up both ends itself"),
     (["-i", "tun0", "-c", "h", "--clients", "3"], "--clients is for the server (-s)"),
