@@ -213,7 +213,10 @@ def test_describe_says_what_a_packet_is(packet, tap, says):
     (ipv6(44, bytes(8) + b"rest of a UDP datagram"), False, "IPv6 fe80::1 > ff02::2 fragment (70 bytes)"),
     (ECHO_REQUEST[:24], False, "ICMP truncated (4 bytes)"),
     (TCP_SYN_ACK[:30], False, "TCP truncated header (10 bytes)"),
+    (TCP_SYN_ACK[:39], False, "TCP truncated header (19 bytes)"),  # one byte short of a TCP header
     (UDP_PACKET[:25], False, "UDP truncated header (5 bytes)"),
+    (UDP_PACKET[:27], False, "UDP truncated header (7 bytes)"),
+    (ECHO_REQUEST[:27], False, "ICMP truncated (7 bytes)"),
     (ROUTER_SOLICITATION[:39], False, "IPv6 truncated header (39 bytes)"),
     (ethernet(0x0806, arp(1))[:20], True, "ARP truncated (6 bytes)"),
     (b"\xff" * 13, True, "Ethernet truncated header (13 bytes)"),
@@ -408,6 +411,21 @@ def test_debug_twice_adds_what_each_packet_is(rig):
         "NET2TAP 1: IPv4 10.0.0.2 > 10.0.0.1 UDP 40000 > 7777 len=5 (33 bytes)",
         "NET2TAP 1: Written 33 bytes to the tap interface",
     ]
+
+
+@pytest.mark.parametrize("options, says", [
+    ({}, "(86 with its 2-byte length)"),
+    ({"offload": True}, "(88 with its 4-byte length)"),
+    ({"udp": True}, "(one datagram: no length in front, a datagram keeps its own)"),
+    ({"udp": True, "key": "class.key"},
+     "(one datagram: no length in front, a datagram keeps its own, with its 8-byte number and 16-byte tag)"),
+], ids=["tcp", "offload", "udp", "udp-key"])
+def test_debug_twice_says_what_a_packet_becomes_on_the_wire_in_each_mode(options, says):
+    out = io.StringIO()
+    handler = simpletun.Lines(program_args(debug=2, **options), out)
+    handler.emit(logging.LogRecord("simpletun", logging.DEBUG, __file__, 0,
+                                   "TAP2NET %d: Written %d bytes to the network", (1, 84), None))
+    assert out.getvalue() == "TAP2NET 1: Written 84 bytes to the network %s\n" % says
 
 
 @pytest.mark.parametrize("debug", [0, 1])
@@ -673,6 +691,16 @@ def test_server_accepts_a_client_over_ipv4_and_ipv6_loopback():
                 with served:
                     assert simpletun.plain_address(served.getpeername()[0]) == expected
                     assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_an_ipv4_newcomer_on_the_dual_stack_port_is_named_as_people_write_it():
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with device, kernel, simpletun.listen_on(0, "", *simpletun.server_family(None)) as listener:
+        room = simpletun.WaitingRoom(listener, Tunnel(device.fileno(), "tun9"), program_args())
+        with room, socket.create_connection(("127.0.0.1", listener.getsockname()[1]), timeout=TIMEOUT):
+            assert select.select([listener], [], [], TIMEOUT)[0]
+            room.accept(selectors.EVENT_READ)
+            assert [newcomer.address for newcomer in room.newcomers.values()] == ["127.0.0.1"]  # not ::ffff:
 
 
 def test_server_survives_a_client_that_resets_before_it_is_served():
@@ -1773,6 +1801,20 @@ def test_silent_newcomer_leaves_after_proof_timeout_while_a_client_is_served(ser
     assert any("it sent no packet within 0.5 s while 127.0.0.1 is being served" in m for m in caplog.messages)
 
 
+def test_once_the_served_client_has_left_a_silent_newcomer_is_not_sent_away(server_rig, caplog, monkeypatch):
+    monkeypatch.setattr(simpletun, "PROOF_TIMEOUT", 0.3)
+    r = server_rig()
+    first = r.connect()
+    first.sendall(frame(UDP_PACKET))
+    assert r.kernel.recv(65536) == UDP_PACKET
+    first.close()
+    wait_for(lambda: "SERVER: the peer closed the connection" in caplog.messages, "the server to see it leave")
+    quiet = r.connect()
+    assert not r.closed_by_server(quiet, within=1)  # no one is served: no one waits behind it
+    quiet.sendall(frame(TCP_DATA))
+    assert r.kernel.recv(65536) == TCP_DATA
+
+
 def test_idle_real_client_is_never_dropped_for_newcomers_that_prove_nothing(server_rig, monkeypatch):
     # Regression: a real client that had sent nothing yet was dropped after 10 s for a silent intruder.
     monkeypatch.setattr(simpletun, "PROOF_TIMEOUT", 0.3)
@@ -2826,6 +2868,7 @@ def test_an_event_for_a_connection_closed_earlier_in_the_same_wake_up_costs_noth
         assert len(batch) == simpletun.MAX_CLOSING
         room.say_goodbye(pairs[-1][0], "orderly")  # making room closes the oldest
         assert len(room.closing) == simpletun.MAX_CLOSING  # (bounded: the newest in, the oldest out)
+        assert pairs[0][0] not in room.closing and pairs[1][0] in room.closing and pairs[-1][0] in room.closing
         for key, events in batch:
             key.data(events)  # the oldest's event comes after its close: nothing may break
         assert len(room.closing) <= simpletun.MAX_CLOSING
@@ -4108,6 +4151,25 @@ def test_a_client_served_already_that_is_reset_says_its_connection_was_lost_not_
             link.receive()
 
 
+def test_a_link_that_closes_reads_what_the_peer_still_sends_so_the_peer_hears_no_reset():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+        link = simpletun.ExtraLink(ours, "127.0.0.1", heard=True)
+        closer = threading.Thread(target=link.close)
+        with theirs:
+            closer.start()
+            theirs.settimeout(TIMEOUT)
+            assert theirs.recv(10) == b""  # our FIN
+            theirs.sendall(b"x" * 1000)  # packets of its own, still on their way after our FIN
+            time.sleep(0.2)
+            theirs.sendall(b"y" * 1000)  # a reset would have come by now: this send would fail
+            theirs.shutdown(socket.SHUT_WR)
+            closer.join(TIMEOUT)
+            assert not closer.is_alive() and ours.fileno() == -1
+            assert theirs.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+
 @pytest.mark.parametrize("flags_and_offset, says", [
     (0x2000, "UDP 40000 > 7777"),  # more fragments follow, offset 0: the first fragment has the header
     (0x2000 | 185, "fragment"),  # offset 185 * 8 bytes: a later fragment, no transport header
@@ -4873,6 +4935,21 @@ def test_a_class_client_that_takes_nothing_is_named_each_time_it_stalls_once(cap
             del link.out[:]  # it took everything
             switch.move(link, lambda: None)
         switch.close()
+
+
+def test_a_class_that_stops_ends_each_students_connection_in_order_not_with_a_reset(caplog):
+    with room_with_pairs(0) as (room, _), socket.create_server(("127.0.0.1", 0)) as listener:
+        switch, students = simpletun.Switch(room, 3), []
+        for name in ("alice", "bob"):
+            students.append(socket.create_connection(listener.getsockname(), timeout=TIMEOUT))
+            ours = listener.accept()[0]
+            ours.setblocking(False)
+            switch.join(simpletun.ExtraLink(ours, name, heard=True))
+        switch.close()
+        for theirs in students:
+            with theirs:
+                assert theirs.recv(10) == b""  # an orderly end (a reset: ConnectionResetError)
+        assert "SERVER: bob left the class: the server stops (0 of 3 slots)" in messages_of(caplog)
 
 
 def test_an_ipv4_packets_padding_beyond_its_total_length_is_not_its_payload():
