@@ -473,7 +473,7 @@ UNANSWERED = ("CLIENT: nothing has come back through the tunnel for %d s, though
 
 
 def say_once(said, key, text, *args):
-    """Log a line the first time `key` comes (`said` holds the keys said so far); True if it did."""
+    """Log a line the first time `key` comes (`said`: the keys said so far); True if it did."""
     if key in said:
         return False
     said.add(key)
@@ -559,7 +559,7 @@ class ExtraLink(Link):
         handle(packet)
 
     def waiting(self):
-        """-dd with TLS: the bytes of TLS records waiting in the kernel (what the cable carried)."""
+        """-dd with TLS: the bytes of TLS records waiting in the kernel (what came by cable)."""
         if not (self.tls and self.debug > 1):
             return 0
         return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, bytes(4)))[0]
@@ -647,7 +647,7 @@ X509_V_ERR_CERT_HAS_EXPIRED = 10
 
 
 def tls_context(server, own_file, peer_file=None):
-    """Load this end's certificate and key and the peer's certificate; return (context, peer DER)."""
+    """Load this end's certificate and key and the peer's certificate: (context, peer's DER)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if server:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -788,7 +788,7 @@ def tls_goodbye(sock):
 MAX_NEWCOMERS = 32  # connections waiting to prove themselves at once; the oldest leaves for a new
 MAX_CLOSING = 64  # connections we are saying goodbye to at once
 PROOF_TIMEOUT = 5  # seconds a plaintext newcomer may stay silent while another client is served
-PROOF_BYTES = {"tun": 6, "tap": 14}  # how much of a first packet tells whether it is one (below)
+PROOF_BYTES = {False: 6, True: 14}  # how much of a first packet (tun, tap) tells if it is one
 REPORT_EVERY = 10  # seconds: refusals of a kind after the first are summed up this often
 WAIT, PROVEN = "wait", "proven"  # a newcomer's proof: not decided yet, or done
 
@@ -830,9 +830,7 @@ class Newcomer:
 
 def plain_address(address):
     """An IP address as a person writes it (an IPv4 client of an IPv6 socket loses '::ffff:')."""
-    if address.startswith("::ffff:"):
-        return address[len("::ffff:"):]
-    return address
+    return address[7:] if address.startswith("::ffff:") else address
 
 
 class WaitingRoom(Clock):
@@ -862,7 +860,8 @@ class WaitingRoom(Clock):
         return min((d for d in deadlines if d is not None), default=None)
 
     def deadline_of(self, newcomer):
-        """A handshake's or greeting's deadline; a silent plaintext newcomer's while one is served."""
+        """A handshake's or greeting's deadline; a silent plaintext newcomer's while one is
+        served."""
         if newcomer.deadline is None and self.active:
             return newcomer.arrived + PROOF_TIMEOUT
         return newcomer.deadline
@@ -896,13 +895,13 @@ class WaitingRoom(Clock):
         if newcomer.handshaking:
             return "no TLS handshake within %g s: does it run with --tls?" % HANDSHAKE_TIMEOUT
         if self.args.offload:
-            return "no --offload greeting within %g s: it runs without --offload" % (
-                HANDSHAKE_TIMEOUT)
-        return "it sent no packet within %g s while %s is being served" % (
-            PROOF_TIMEOUT, self.active.address)
+            return ("no --offload greeting within %g s: it runs without --offload"
+                    % HANDSHAKE_TIMEOUT)
+        return "it sent no packet within %g s while %s is being served" % (PROOF_TIMEOUT,
+                                                                            self.active.address)
 
     def refuse(self, address, kind, why, verb="refused"):
-        """Say why a newcomer leaves: each reason once, with its address, then (a flood) counted."""
+        """Say why a newcomer leaves: each reason once, with its address; then (a flood) count."""
         self.refused[kind] += 1
         reason = re.sub(r"[0-9.]+", "#", why)  # "its first frame (40 bytes)..." and "(41 bytes)"
         if not say_once(self.said, reason, "SERVER: %s %s: %s", verb, address, why):
@@ -926,9 +925,7 @@ class WaitingRoom(Clock):
         except OSError:  # it left before we got to it (or we are out of fds): nothing to do
             return
         address = plain_address(address[0])
-        deadline = None
-        if self.tls or self.args.offload:
-            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT if self.tls or self.args.offload else None
         try:
             keep_alive(sock)
             if self.tls:
@@ -946,17 +943,12 @@ class WaitingRoom(Clock):
             self.send_away(oldest, "evicted", why, "reset")
         newcomer = self.newcomers[sock] = Newcomer(sock, address, deadline)
         self.register(sock, READ, lambda events: self.advance(newcomer))
+        proof = "a first packet"
+        if self.tls or self.args.offload:
+            proof = "TLS handshake" if self.tls else "--offload greeting"
         log.debug("SERVER: connection from %s: waiting for it to prove itself (%s; %d waiting)",
-                  address, self.proof_asked(), len(self.newcomers))
+                  address, proof, len(self.newcomers))
         self.advance(newcomer)  # a TLS server speaks second, but try: it may all be there already
-
-    def proof_asked(self):
-        """What a newcomer must send to prove itself, in words."""
-        if self.tls:
-            return "TLS handshake"
-        if self.args.offload:
-            return "--offload greeting"
-        return "a first packet"
 
     def advance(self, newcomer):
         """A newcomer sent something: take its proof a step further; admit it once it is proven."""
@@ -976,8 +968,7 @@ class WaitingRoom(Clock):
             self.admit(newcomer)
         elif verdict is not WAIT:
             kind, why = verdict
-            how = "orderly" if kind == "not a tunnel end" else "cut"
-            self.send_away(newcomer, kind, why, how)
+            self.send_away(newcomer, kind, why, "orderly" if kind == "not a tunnel end" else "cut")
 
     def prove(self, newcomer):
         """The next step of a newcomer's proof (TLS: the handshake and its pinned certificate;
@@ -1008,8 +999,8 @@ class WaitingRoom(Clock):
         """Why a newcomer that closed before proving itself did so, as well as can be told."""
         if self.args.offload and not newcomer.head:
             return "it closed the connection without greeting: it runs without --offload"
-        return "it closed the connection after %d bytes, without proving itself" % (
-            len(newcomer.head))
+        return ("it closed the connection after %d bytes, without proving itself"
+                % len(newcomer.head))
 
     def admit(self, newcomer):
         """A newcomer proved itself: its link takes a place (seat()), or it is turned away."""
@@ -1074,14 +1065,12 @@ class WaitingRoom(Clock):
 
     def drain(self, sock):
         """Read and drop what a closing connection still sends, until its end."""
-        if sock not in self.closing:  # closed earlier in this wake-up
-            return
         try:
-            if sock.recv(65536):  # not its end yet
+            if sock not in self.closing or sock.recv(65536):  # closed earlier; not its end yet
                 return
         except WOULD_BLOCK:
             return
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # a reset, or closed under us: its end all the same
             pass
         self.forget(sock)
 
@@ -1114,12 +1103,11 @@ def proof_size(head, tap, offload):
         return HEADER.size
     (length,) = HEADER.unpack_from(head)
     # enough to tell a packet's header, and an --offload peer's greeting (to name it)
-    mode = "tap" if tap else "tun"
-    return HEADER.size + min(length, max(PROOF_BYTES[mode], len(GREETING)))
+    return HEADER.size + min(length, max(PROOF_BYTES[tap], len(GREETING)))
 
 
 def first_frame_verdict(head, tap, offload):
-    """WAIT for more bytes, PROVEN, or why the first bytes a newcomer sent are not a tunnel end's."""
+    """WAIT for more bytes, PROVEN, or why a newcomer's first bytes are not a tunnel end's."""
     if head.startswith(TLS_HANDSHAKE_RECORD):
         return "it began a TLS handshake: it runs with --tls, this end without"
     if len(head) < proof_size(head, tap, offload):
@@ -1138,7 +1126,7 @@ def first_frame_verdict(head, tap, offload):
 
 def packet_mismatch(packet, length, tap):
     """Why the start of a `length`-byte packet cannot be one for this mode, or None if it can."""
-    if tap and length < PROOF_BYTES["tap"]:
+    if tap and length < PROOF_BYTES[tap]:
         return "its first frame (%d bytes) is too short for an Ethernet frame" % length
     if tap and looks_like_ip(packet, length):
         return ("its first frame is an IP packet, not an Ethernet frame: it runs in tun mode "
@@ -1171,7 +1159,7 @@ DISCARD_PORT = 9  # where announce() sends: the discard service, which a host dr
 
 
 def configure_device(name, interface=None, mtu=None):
-    """Set the device's MTU; given an address/prefix (ipaddress), give it and bring the device up."""
+    """Set the device's MTU; given an address/prefix (ipaddress), give it, and bring it up."""
     link, done = ["link", "set", name], []
     if interface:
         # IPv6: usable at once (the peer's address is another: no duplicate to detect first)
@@ -1218,7 +1206,8 @@ def ip_command(*args):
 #      diagram read (never a line's words).
 
 ETHERNET = struct.Struct("!6s6sH")  # destination MAC, source MAC, EtherType
-ARP = struct.Struct("!HHBBH6s4s6s4s")  # hardware and protocol types, sizes, op, sender/target MAC, IP
+# hardware and protocol types, their sizes, operation, sender's MAC and IP, target's MAC and IP
+ARP = struct.Struct("!HHBBH6s4s6s4s")
 IPV4 = struct.Struct("!BBHHHBBH4s4s")  # version+IHL, TOS, length, id, fragment, TTL, protocol,
 #                                        checksum, source, destination
 IPV6 = struct.Struct("!IHBB16s16s")  # version+class+flow, payload length, next header, hop
@@ -1282,7 +1271,7 @@ class Lines(logging.Handler):
             self.handleError(record)
 
     def lines_for(self, record):
-        """The record's line, and the lines the level adds; none for a refusal said a moment ago."""
+        """The record's line and the lines the level adds; none for a refusal said just now."""
         text, packet = record.getMessage(), getattr(record, "packet", None)
         kind = event_of(record)
         if record.funcName == "write" and record.levelno == logging.WARNING:
@@ -1323,7 +1312,7 @@ class Lines(logging.Handler):
         return "[%s] %s" % (self.header.pack(len(packet)).hex(" "), shown)
 
     def refusal(self, text, args):
-        """A refused packet: the first of a run with a hint, then at most one line per QUIET_TIME."""
+        """A refused packet: the first of a run with a hint, then one line per QUIET_TIME."""
         now = time.monotonic()
         if now < self.quiet_until:
             self.unsaid += 1
@@ -1692,8 +1681,10 @@ class Tags:
         ours, theirs = b"server", b"client"
         if client:
             ours, theirs = theirs, ours
-        self.sealer = hashlib.blake2b(key=key, digest_size=TAG_SIZE, person=ours + b" to " + theirs)
-        self.opener = hashlib.blake2b(key=key, digest_size=TAG_SIZE, person=theirs + b" to " + ours)
+        self.sealer = hashlib.blake2b(key=key, digest_size=TAG_SIZE,
+                                      person=ours + b" to " + theirs)
+        self.opener = hashlib.blake2b(key=key, digest_size=TAG_SIZE,
+                                      person=theirs + b" to " + ours)
         self.number = time.time_ns()  # our last number: from the clock, so that a restarted end
         #                               goes on above its old numbers
         self.newest = 0  # the newest number taken
@@ -1831,7 +1822,7 @@ class Datagrams:
         return run, start
 
     def send_run(self, run):
-        """Send packets of one size as datagrams in one call: the kernel cuts them (UDP_SEGMENT)."""
+        """Send packets of one size as datagrams in one call, cut by the kernel (UDP_SEGMENT)."""
         pieces, size = run, len(run[0])
         if self.tags:
             pieces = [b"".join(piece for packet in run for piece in self.tags.seal(packet))]
@@ -1842,7 +1833,7 @@ class Datagrams:
         self.sock.sendmsg(pieces, cut, 0, self.peer)
 
     def not_sent(self, run, err):
-        """Packets this host would not send (a firewall's EPERM, or too big): counted, said once."""
+        """Packets this host would not send (a firewall's EPERM, too big): counted, said once."""
         self.unsent += len(run)
         if self.unsent == len(run):
             log.warning("a datagram to %s was not sent: %s; such packets are lost, and counted",
@@ -1882,7 +1873,7 @@ class Datagrams:
         return count or None
 
     def take(self, sender, datagram, now):
-        """The packet a datagram carries, if it is for this end (empty: "still here"), else None."""
+        """The packet a datagram carries if it is for this end (empty: "still here"), else None."""
         packet = datagram
         if self.tags:
             packet = self.tags.open(datagram)
@@ -1967,8 +1958,8 @@ class UdpClient(Datagrams, Link):
             key = ", with the same --key"
         mode = "-a" if self.args.tap else "-u"
         say_once(self.told, "silent", "CLIENT: nothing has come back from %s for %g s: does the "
-                 "server run with --udp, in this mode (%s)%s? Its log says which (or nothing inside "
-                 "the tunnel answers)", self.address, SILENCE, mode, key)
+                 "server run with --udp, in this mode (%s)%s? Its log says which (or nothing "
+                 "inside the tunnel answers)", self.address, SILENCE, mode, key)
 
     def refused(self):
         """The server's host answered with ICMP port unreachable: said once per silence."""
@@ -2148,10 +2139,8 @@ MAX_OWNED = 16  # addresses one client may own: a tunnel address or two, IPv6's,
 NEIGHBOR_SOLICITATION, NEIGHBOR_ADVERTISEMENT = 135, 136  # ICMPv6: IPv6's ARP request and reply
 NEIGHBOR_DISCOVERY = range(133, 138)  # ICMPv6 router/neighbour solicitations, advertisements
 REJECT_EVERY = 1  # seconds: a client is told its packet was refused at most this often
-# ICMP destination unreachable, "communication administratively prohibited" (RFC 1812), and
-# ICMPv6's (RFC 4443); an ICMPv6 error holds as much of the packet as fits in 1280 bytes
-PROHIBITED = {4: (ICMP, 3, 13), 6: (ICMPV6, 1, 1)}
-IPV6_MIN_MTU = 1280
+# prohibited(): ICMP's destination unreachable (3), "communication administratively prohibited"
+# (13, RFC 1812), and ICMPv6's destination unreachable (1), "administratively prohibited" (1)
 # netlink (linux/rtnetlink.h): the groups whose messages say a link or an address changed
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 SERVER = "the server"  # the owner of the server's own addresses
@@ -2407,7 +2396,7 @@ def owner_name(owner):
 
 
 def packet_ends(packet, tap):
-    """A packet's (source, destination): MACs (tap), IPv4 or IPv6 (tun); (None, None) if neither."""
+    """A packet's (source, destination): MACs (tap), IPv4 or IPv6 (tun); else (None, None)."""
     if tap:
         return bytes(packet[6:12]), bytes(packet[:6])
     start, size = {4: (12, 4), 6: (8, 16)}.get(packet[0] >> 4, (0, 0))  # the source: where, size
@@ -2459,38 +2448,30 @@ def ipv6_claims(packet):
 
 
 def prohibited(packet, tap, server_addresses):
-    """The ICMP or ICMPv6 "administratively prohibited" answer to a packet (tap: in a frame to its
-    sender's MAC), from the server's address of its family; None if there is none to send."""
-    ip = packet
-    if tap:
-        ip = packet[ETHERNET.size:]
-    version = ip[0] >> 4 if ip else None
-    if version not in PROHIBITED or len(ip) < {4: IPV4.size, 6: IPV6.size}[version]:
+    """The ICMP or ICMPv6 "administratively prohibited" answer to a packet, from the server's
+    address of its family (tap: in a frame to its sender's MAC, from the server's); None if
+    there is no answer to send. It quotes the packet's IP header and 8 bytes after it (RFC 792):
+    all the sender's ping needs to find its own request."""
+    ip = packet[ETHERNET.size:] if tap else packet
+    source = packet_ends(ip, False)[0] or b""
+    ours = [a for a in server_addresses if len(a) == len(source) and a[:2] != b"\xfe\x80"]
+    macs = [a for a in server_addresses if len(a) == 6]
+    if not ours or tap and not macs:
         return None
-    size = {4: 4, 6: 16}[version]
-    ours = [a for a in server_addresses if len(a) == size and not a.startswith(b"\xfe\x80")]
-    if not ours:
-        return None
-    protocol, kind, code = PROHIBITED[version]
-    if version == 4:  # the packet's header and 8 bytes of what it carries (RFC 792)
-        quoted = bytes(ip[:(ip[0] & 0x0F) * 4 + 8])
-        icmp = bytearray(struct.pack("!BBHI", kind, code, 0, 0) + quoted)
+    if len(source) == 4:
+        icmp = bytearray(struct.pack("!BBHI", 3, 13, 0, 0) + bytes(ip[:(ip[0] & 0x0F) * 4 + 8]))
         struct.pack_into("!H", icmp, 2, checksum(icmp))
         header = bytearray(IPV4.pack(0x45, 0, IPV4.size + len(icmp), 0, 0, 64, ICMP, 0, ours[0],
-                                     bytes(ip[12:16])))
+                                     source))
         struct.pack_into("!H", header, 10, checksum(header))
     else:
-        quoted = bytes(ip[:IPV6_MIN_MTU - IPV6.size - 8])
-        icmp = bytearray(struct.pack("!BBHI", kind, code, 0, 0) + quoted)
-        pseudo = ours[0] + bytes(ip[8:24]) + struct.pack("!I3xB", len(icmp), ICMPV6)
+        icmp = bytearray(struct.pack("!BBHI", 1, 1, 0, 0) + bytes(ip[:IPV6.size + 8]))
+        pseudo = ours[0] + source + struct.pack("!I3xB", len(icmp), ICMPV6)
         struct.pack_into("!H", icmp, 2, checksum(pseudo + icmp))
-        header = IPV6.pack(6 << 28, len(icmp), ICMPV6, 64, ours[0], bytes(ip[8:24]))
+        header = IPV6.pack(6 << 28, len(icmp), ICMPV6, 64, ours[0], source)
     if not tap:
         return bytes(header + icmp)
-    macs = [a for a in server_addresses if len(a) == 6]
-    ethertype = {4: ETHERTYPE_IPV4, 6: ETHERTYPE_IPV6}[version]
-    if not macs:
-        return None
+    ethertype = ETHERTYPE_IPV4 if len(source) == 4 else ETHERTYPE_IPV6
     return ETHERNET.pack(bytes(packet[6:12]), macs[0], ethertype) + header + icmp
 
 
@@ -2857,7 +2838,8 @@ def demo(args):
     """--demo: build the hosts, run a server and its client(s), ping through the tunnel, clean up;
     exit status 0 if the pings crossed."""
     if os.geteuid() != 0:
-        raise UserError("--demo needs root, to make network namespaces: sudo ./simpletun.py --demo")
+        raise UserError("--demo needs root, to make network namespaces: "
+                        "sudo ./simpletun.py --demo")
     if not shutil.which("ip"):
         raise UserError("--demo needs the ip command from iproute2 (apt install iproute2)")
     method = None
@@ -2872,7 +2854,8 @@ def demo(args):
         if method:
             make_cable_lossy((show.ns["server"], show.ns["client"]), method, args.loss, args.delay)
             delayed = ", delayed %g ms" % args.delay if args.delay else ""
-            show.say("the cable loses %g %% of packets each way%s (%s)" % (args.loss, delayed, method))
+            show.say("the cable loses %g %% of packets each way%s (%s)"
+                     % (args.loss, delayed, method))
         show.start_ends()
         if args.lan:  # the client's route to the LAN: into the tunnel, to the server: it forwards
             route = (DEMO_LAN["server"][:-4] + "0/24", "via", host_of(DEMO_TUNNEL["server"]))
@@ -2899,12 +2882,15 @@ def demo_verdict(timeline, args, verdict, drawn):
     if verdict is None:
         return 1
     count, crossed = verdict
-    if args.loss:
-        timeline.say("the replies that came back are what the lossy cable leaves: the tunnel works"
-                     if crossed else "FAILED: fewer replies came back than the lossy cable explains")
+    if args.loss and crossed:
+        timeline.say("the replies that came back are what the lossy cable leaves: the tunnel "
+                     "works")
+    elif args.loss:
+        timeline.say("FAILED: fewer replies came back than the lossy cable explains")
+    elif crossed:
+        timeline.say("all %d echo requests crossed the tunnel and their replies came back" % count)
     else:
-        timeline.say("all %d echo requests crossed the tunnel and their replies came back" % count
-                     if crossed else "FAILED: not every echo request came back through the tunnel")
+        timeline.say("FAILED: not every echo request came back through the tunnel")
     timeline.flush()
     if drawn and args.diagram == "-":
         sys.stdout.write(drawn)
@@ -2917,7 +2903,8 @@ def build_demo_hosts(ns):
     for name in ns.values():  # each host: its loopback up, and ping sockets for root's group
         ip_command("netns", "add", name)
         ip_command("-n", name, "link", "set", "lo", "up")
-        ip_command("netns", "exec", name, "sh", "-c", "echo 0 0 > /proc/sys/net/ipv4/ping_group_range")
+        ip_command("netns", "exec", name, "sh", "-c",
+                   "echo 0 0 > /proc/sys/net/ipv4/ping_group_range")
     server, bridged = ns["server"], "alice" in ns
     if bridged:
         ip_command("-n", server, "link", "add", "br0", "up", "type", "bridge")
@@ -2951,7 +2938,7 @@ def host_of(cidr):
 
 
 def remove_stale_demos():
-    """Remove the namespaces of earlier demos whose process is gone (killed before it cleaned up)."""
+    """Remove the namespaces of earlier demos whose process is gone (killed before cleaning up)."""
     for name in ip_command("netns", "list").split():  # lines "NAME (id: N)": a NAME has the prefix
         pid = name[len(DEMO_PREFIX):-2]  # the demo that made it
         if name.startswith(DEMO_PREFIX) and pid.isdigit() and not os.path.exists("/proc/" + pid):
@@ -2985,12 +2972,13 @@ def lossy_cable_method(loss, delay):
 
 
 def has_netem():
-    """True if the kernel has netem, the queue that loses and delays packets (loaded or loadable)."""
+    """True if the kernel has netem, the queue that loses and delays packets (loaded, loadable)."""
     if os.path.isdir("/sys/module/sch_netem"):
         return True
     if not shutil.which("modprobe"):
         return False
-    return subprocess.run(["modprobe", "-q", "sch_netem"], stderr=subprocess.DEVNULL).returncode == 0
+    loaded = subprocess.run(["modprobe", "-q", "sch_netem"], stderr=subprocess.DEVNULL)
+    return loaded.returncode == 0
 
 
 def make_cable_lossy(namespaces, method, loss, delay):
@@ -3049,9 +3037,11 @@ def keep_instructions(ns, pings, udp, cable):
     """--keep: commands to paste in another terminal (as root): a shell on each host, each ping,
     what crosses the cable."""
     client, server = ns[pings[0][0]], ns["server"]
-    transport, on_cable, sockets = "tcp", "the frames inside TCP, on the cable", "the tunnel's TCP connection"
+    transport, on_cable, sockets = ("tcp", "the frames inside TCP, on the cable",
+                                    "the tunnel's TCP connection")
     if udp:
-        transport, on_cable, sockets = "udp", "the datagrams, on the cable", "the tunnel's UDP socket"
+        transport, on_cable, sockets = ("udp", "the datagrams, on the cable",
+                                        "the tunnel's UDP socket")
     commands = [("%s bash" % ns[host], "a shell on the %s host" % host) for host in ns]
     commands += [("%s ping %s" % (ns[side], address), "%s pings %s through the tunnel" % (
         side, whom or address)) for side, address, whom in pings]
@@ -3066,22 +3056,32 @@ def keep_instructions(ns, pings, udp, cable):
                                      for command, what in commands))
 
 
+# --diagram: what each of an end's events is on the diagram: an arrow from one of its lifelines to
+# another (D: its device, S: its simpletun.py, C: its cable), and the words on it
+ARROWS = {"read": ("D", "S", "TAP2NET %(n)d: %(size)d B %(unit)s, %(label)s"),
+          "sent": ("S", "C", "TAP2NET %(n)d: %(cable)s"),
+          "received": ("C", "S", "a receive: %(bytes)d B from TCP"),
+          "arrived": ("S", "S", "NET2TAP %(n)d: cut a %(size)d B %(unit)s"),
+          "written": ("S", "D", "NET2TAP %(n)d: wrote %(size)d B to the device"),
+          "forwarded": ("S", "C", "CLASS: passed on to %(whom)s, 2 + %(size)d B")}
+UDP_ARRIVED = ("C", "S", "NET2TAP %(n)d: one datagram, %(size)d B %(unit)s")  # (--udp: no stream)
+
+
 def journey(events, target, hosts, args, seq=DIAGRAM_PING):
     """--diagram: echo request `seq` to `target` and its reply, from the run's (label, event)
     list, as a Mermaid sequence diagram: an arrow for each step of each packet on its way (tap:
-    the ARP before it), labelled with what crossed and when (ms since the request left), all on
-    one clock: the pinger's sending and receiving are the first and last arrows. None if no
-    reply came. hosts: the pinger's, the server, and (a class) the client it pings."""
-    pinged = [event for who, event in events if who == "ping" and event.get("seq") == seq and
-              event.get("to") == target]
-    request = next((event for event in pinged if event["event"] == "request"), None)
-    reply = next((event for event in pinged if event["event"] == "reply"), None)
-    if not request or not reply:
+    the ARP before it), with its time (ms since the request left) and what crossed, on one
+    clock: the pinger's sending and receiving are the first and last arrows. None if no reply
+    came. hosts: the pinger's, the server, and (a class) the client it pings."""
+    pinged = {event["event"]: event["t"] for who, event in events if who == "ping" and
+              (event.get("seq"), event.get("to")) == (seq, target)}
+    if "reply" not in pinged:
         return None
-    start, end = request["t"], reply["t"]
+    start, end = pinged["request"], pinged["reply"]
     lanes = journey_lanes(hosts)
     steps = [(start, "ping", "D" + hosts[0], "echo request, icmp_seq=%d" % seq)]
-    steps += journey_steps(events, start, end, hosts, args, seq)
+    steps += journey_steps([(who, event) for who, event in events if who in hosts and
+                            start <= event["t"] <= end], hosts, args, seq)
     steps.append((end, "D" + hosts[0], "ping", "echo reply, icmp_seq=%d" % seq))
     lines = ["sequenceDiagram"] + ["    participant %s as %s" % lane for lane in lanes]
     for when, here, there, label in sorted(steps, key=lambda step: step[0]):
@@ -3095,73 +3095,73 @@ def journey(events, target, hosts, args, seq=DIAGRAM_PING):
 
 
 def journey_lanes(hosts):
-    """The diagram's lifelines, in the order the packet meets them: ping, the first host's device
-    and simpletun.py, the cable, the server's simpletun.py and device; a class: the server, then
-    the second client's cable, simpletun.py and device (the server's device never sees it)."""
+    """The diagram's lifelines, in the order the packet meets them: ping, the first host's device,
+    simpletun.py and cable, the server's simpletun.py; then the server's device, or (a class) the
+    second client's cable, simpletun.py and device: the server's device never sees the packet."""
     first = hosts[0]
-    lanes = [("ping", "ping on %s" % first), ("D" + first, "the device on %s" % first),
-             ("S" + first, "simpletun.py on %s" % first)]
+    lanes = [("ping", "ping on " + first), ("D" + first, "the device on " + first),
+             ("S" + first, "simpletun.py on " + first), ("C" + first, "the cable from " + first),
+             ("Sserver", "simpletun.py on server")]
     if len(hosts) == 2:
-        return lanes + [("C", "the cable"), ("Sserver", "simpletun.py on server"),
-                        ("Dserver", "the device on server")]
+        return lanes + [("Dserver", "the device on server")]
     other = hosts[2]
-    return lanes + [("C" + first, "the cable from %s" % first),
-                    ("Sserver", "simpletun.py on server"), ("C" + other, "the cable to %s" % other),
-                    ("S" + other, "simpletun.py on %s" % other),
-                    ("D" + other, "the device on %s" % other)]
+    return lanes + [("C" + other, "the cable to " + other),
+                    ("S" + other, "simpletun.py on " + other),
+                    ("D" + other, "the device on " + other)]
 
 
-def journey_steps(events, start, end, hosts, args, seq):
-    """The arrows between the pinger's two: each host's events of the journey's packets."""
-    addresses = {host_of(DEMO_UNDERLAY[host]): host for host in hosts}
-    steps, kept, received = [], set(), collections.defaultdict(list)
+def journey_steps(events, hosts, args, seq):
+    """The arrows of the hosts' events of the journey's packets (a class's server: only what it
+    passes on). A receive is drawn with the packet it brought, and a stall between two receives
+    with a note (--two-writes: the length came alone; Nagle held the packet until its ACK)."""
+    hosts_at = {host_of(DEMO_UNDERLAY[host]): host for host in hosts}
+    steps, received = [], collections.defaultdict(list)  # a host's receives, until their packet
     for who, event in events:
         kind = event.get("event")
-        if who not in hosts or not start <= event["t"] <= end or not kind:
+        if kind not in ARROWS:
             continue
-        here, t, cable = "S" + who, event["t"], journey_cable(who, event, hosts, addresses)
-        if kind in ("read", "arrived", "forwarded") and (event.get("label") is None or
-                                                        event.get("seq") not in (seq, None)):
-            continue  # a packet no step of this journey
-        if kind == "read":
-            kept.add((who, event["n"]))
-            steps.append((t, "D" + who, here, "TAP2NET %d: %s" % (event["n"], carried(event,
-                                                                                  args))))
-        elif kind == "sent" and (who, event["n"]) in kept:
-            steps.append((t, here, cable, "TAP2NET %d: %s" % (event["n"], on_cable(event, args))))
-        elif kind == "received":
-            received[who].append((event, cable))
-        elif kind == "arrived" and "D" + who in dict(journey_lanes(hosts)):
-            kept.add((who, -event["n"]))
-            steps += arrival(received.pop(who, []), event, here, args, cable)
-        elif kind == "written" and (who, -event["n"]) in kept:
-            steps.append((t, here, "D" + who, "NET2TAP %d: wrote %d B to the device" % (
-                event["n"], event["size"])))
-        elif kind == "forwarded" and event["to"] in addresses:
-            to = addresses[event["to"]]
-            steps += arrival(received.pop(who, []), None, here, args)
-            steps.append((t, here, "C" + to, "CLASS: passed on to %s, 2 + %d B" % (
-                to, event["size"])))
+        step = journey_arrow(who, event, hosts_at, hosts[0], args)
+        if kind == "received":
+            received[who].append(step)
+            continue
+        came = []
+        if kind in ("arrived", "forwarded"):  # what the receives before it brought
+            came = received.pop(who, [])
+        if event.get("label") is None or event.get("seq") not in (seq, None):
+            continue  # a packet of no step of this journey
+        if who == "server" and len(hosts) > 2 and kind != "forwarded":
+            continue
+        if len(came) > 1:
+            stall = (came[-1][0] - came[0][0]) * 1000
+            came.insert(-1, (came[-1][0], "note", "%s,%s" % came[-1][1:3], "%.1f ms later: "
+                             "Nagle held the packet until the length was acknowledged" % stall))
+        steps += came + [step]
     return steps
 
 
-def journey_cable(who, event, hosts, addresses):
-    """The cable lifeline an end's event crosses: the one cable; a class's, its client's own."""
-    if len(hosts) == 2:
-        return "C"
-    if who != "server":
-        return "C" + who
-    return "C" + addresses.get(event.get("from"), hosts[0])
-
-
-def carried(event, args):
-    """What a device handed over, in words: its size (a frame, tap) and what it is."""
-    return "%d B %s, %s" % (event["size"], "frame" * args.tap or "packet", event["label"])
+def journey_arrow(who, event, hosts_at, first, args):
+    """An end's event as the diagram's arrow: (its time, from which lifeline, to which, words)."""
+    kind = event["event"]
+    here, there, words = ARROWS[kind]
+    if kind == "arrived" and args.udp:  # no stream to cut: the datagram came from the cable
+        here, there, words = UDP_ARRIVED
+    if kind == "received" and event.get("wire"):
+        words = "a receive: TLS records, %(wire)d B on the wire"
+    fields = dict(event, unit="frame" if args.tap else "packet",
+                  whom=hosts_at.get(event.get("to")))
+    if kind == "sent":
+        fields["cable"] = on_cable(event, args)
+    words %= fields
+    cable = who  # the cable an end's arrow crosses: its own; the server's, its client's
+    if who == "server":
+        cable = hosts_at.get(event.get("from") or event.get("to"), first)
+    lane = {"D": "D" + who, "S": "S" + who, "C": "C" + cable}
+    return event["t"], lane[here], lane[there], words
 
 
 def on_cable(event, args):
     """What a packet became on the cable, in this mode."""
-    size = event["size"]
+    size = event.get("size")
     if args.udp and args.key:
         return "datagram: 8 + %d + 16 B" % size
     if args.udp:
@@ -3171,30 +3171,6 @@ def on_cable(event, args):
     if args.tls:
         return "frame: 2 + %d B, in TLS" % size
     return "frame: %d + %d B" % (framing(args)[0].size, size)
-
-
-def arrival(receives, event, here, args, cable=None):
-    """The arrows of a packet's arrival: the (receive, its cable) that brought it (TLS: the
-    records' size on the wire), a note on a stall between two (--two-writes), and (event) its
-    cut from the stream."""
-    steps = []
-    for came, cable in receives:
-        label = "a receive: %d B from TCP" % came["bytes"]
-        if came.get("wire"):
-            label = "a receive: TLS records, %d B on the wire" % came["wire"]
-        steps.append((came["t"], cable, here, label))
-    if len(receives) > 1:  # the length came alone: the packet waited for its ACK (Nagle)
-        (first, _), (last, cable) = receives[0], receives[-1]
-        stall = (last["t"] - first["t"]) * 1000
-        steps.insert(-1, (last["t"], "note", "%s,%s" % (cable, here), "%.1f ms later: Nagle "
-                          "held the packet until the length was acknowledged" % stall))
-    if event is None:
-        return steps
-    what = "%d B %s" % (event["size"], "frame" * args.tap or "packet")
-    if args.udp:
-        return steps + [(event["t"], cable, here, "NET2TAP %d: one datagram, %s" % (
-            event["n"], what))]
-    return steps + [(event["t"], here, here, "NET2TAP %d: cut a %s" % (event["n"], what))]
 
 
 def bench(ns, say, mode):
