@@ -467,9 +467,10 @@ EVICTED = ("the server reset the connection before it served this end: its waiti
 UNSERVED = ("the server closed the connection without sending a packet: it serves one client "
             "at a time (is another one connected?), or all its --clients slots are taken, or it "
             "runs with other options (--tls, --offload, -u/-a); its log says which")
-UNANSWERED = ("CLIENT: nothing has come back through the tunnel for %d s, though this end sent "
-              "packets: is this end's address another client's (the server drops such packets, "
-              "and its log says so), or does nothing answer at the other end?")
+UNANSWERED = ("CLIENT: nothing has come back through the tunnel for %d s since this end sent a "
+              "ping or opened a TCP connection: is this end's address another client's (the "
+              "server drops such packets, and its log says so), or does nothing answer at the "
+              "other end?")
 
 
 def say_once(said, key, text, *args):
@@ -486,6 +487,14 @@ def keep_alive(sock):
     for option in KEEPALIVE:
         sock.setsockopt(*option)
     return tune(sock)
+
+
+def asks(frames, header, args):
+    """True if the first of the queued frames holds a packet that waits for an answer (see
+    awaits_answer()). The first is enough: a ping, or a new connection's first segment, is
+    read from the device alone."""
+    size = min(header.unpack_from(frames)[0], HEADERS_READ)
+    return awaits_answer(bytes(frames[header.size:header.size + size]), args.tap, args.offload)
 
 
 def framing(args):
@@ -568,6 +577,9 @@ class ExtraLink(Link):
         """Link.send_queued() (--two-writes: as the C original sends); note since when the peer
         has taken nothing; a client that sent with nothing back says so once."""
         waiting = len(self.out)
+        if waiting and self.args.client and self.asked is None and asks(self.out, self.header,
+                                                                         self.args):
+            self.asked = time.monotonic()
         if self.args.two_writes:
             self.send_apart()
         else:
@@ -576,15 +588,14 @@ class ExtraLink(Link):
             self.stalled = None
         elif self.stalled is None:
             self.stalled = time.monotonic()
-        if waiting and self.args.client and self.asked is None:
-            self.asked = time.monotonic()
 
     def due(self):
         """The Clock's timer (a client's): when to say that nothing came back (None: not now)."""
         return silence_due(self)
 
     def tick(self):
-        """The timer: a client sent, and nothing came back for SILENCE s: it says so, once."""
+        """The timer: a client pinged or opened a connection, and nothing came back for
+        SILENCE s: it says so, once."""
         say_once(self.told, "silent", UNANSWERED, SILENCE)
 
     def send_apart(self):
@@ -1232,6 +1243,7 @@ ICMPV6_TYPES = {1: "destination-unreachable", 2: "packet-too-big", 3: "time-exce
 TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x08, "PSH"), (0x01, "FIN"), (0x04, "RST"),
              (0x20, "URG"))
 WIRE_BYTES = 24  # -ddd shows this many bytes of each packet after its length
+HEADERS_READ = 128  # bytes of a packet that hold its headers, when only they are read
 QUIET_TIME = 1.0  # seconds: a refused packet's line is printed at most this often
 REFUSAL_HINTS = {os.strerror(errno.EIO): "is the device down? (ip link set %s up)",
                  os.strerror(errno.EINVAL): "not a packet the device can carry (garbage, or "
@@ -1523,6 +1535,27 @@ def icmp_names(protocol):
     return "ICMP", ICMP_TYPES
 
 
+def awaits_answer(packet, tap, offload=False):
+    """True for a ping's echo request, a TCP connection's first segment (SYN, no ACK), or (tap)
+    the ARP request the kernel sends before either: what a user waits for an answer to. (A host
+    sends more that nothing answers: IPv6's housekeeping, its own answers, a class client's
+    announcement, a gratuitous ARP.)"""
+    if offload:
+        packet = packet[VIRTIO_NET_HDR.size:]
+    if tap and len(packet) >= ETHERNET.size + ARP.size and packet[12:14] == b"\x08\x06":
+        _, _, _, _, op, _, sender, _, target = ARP.unpack_from(packet, ETHERNET.size)
+        return op == ARP_REQUEST and sender != target
+    if tap:
+        packet = packet[ETHERNET.size:]
+    parts = ip_parts(packet)
+    if isinstance(parts, str):
+        return False
+    protocol, payload = parts[3:5]
+    if protocol in (ICMP, ICMPV6) and payload:
+        return icmp_names(protocol)[1].get(payload[0]) == "echo-request"
+    return protocol == TCP and len(payload) > 13 and payload[13] & 0x12 == 0x02
+
+
 def journey_step(packet, tap, offload=False):
     """What a packet is on a ping's journey, for the demo's diagram: (a short label, the echo's
     sequence number or None); (None, None) for a packet no journey draws."""
@@ -1785,6 +1818,8 @@ class Datagrams:
     def send_queued(self):
         """Send each queued packet as one datagram, a run of one size per call; what the socket
         cannot take now waits; a packet this host refuses to send is counted, and said once."""
+        if self.out and self.asked is None and (self.tags or asks(self.out, HEADER, self.args)):
+            self.asked = time.monotonic()  # (--key: the peer answers every datagram, in a second)
         start = 0
         with memoryview(self.out) as out:
             while start < len(out):
@@ -1804,7 +1839,6 @@ class Datagrams:
             run = None  # (views of the queue: they must go before the queue can change)
         if start:
             self.sent_at = time.monotonic()
-            self.asked = self.asked or self.sent_at  # (until something comes back)
         del self.out[:start]
 
     def next_run(self, out, start):
@@ -2158,7 +2192,7 @@ class Switch:
         self.out, self.header = bytearray(), HEADER  # what tap2net() hands over (see above)
         self.clients = []
         self.owners = {}  # address -> the client that sent from it first, or SERVER
-        self.device_has = set()  # the server's device's addresses, as last read
+        self.device_has = None  # the server's device's addresses, as last read
         self.said = set()  # what was said once: (client, address) for a claim, (client,) a stall
         self.given = set()  # the clients given frames in this wake-up: each gets one send
         self.spoofed = self.lost = 0  # packets dropped: claiming what is another's; unsent
@@ -2198,11 +2232,13 @@ class Switch:
         with contextlib.suppress(OSError):  # (what netlink says is only "something changed")
             while netlink and netlink.recv(65536):
                 pass
-        self.device_has = set(device_addresses(self.tunnel.name))
-        for address in self.device_has:
+        has = set(device_addresses(self.tunnel.name))
+        if has != self.device_has:  # (netlink tells of every change of every link: most are none)
+            log.debug("SERVER: %s's addresses, the server's own: %s", self.tunnel.name,
+                      ", ".join(sorted(address_text(a) for a in has)) or "none")
+        self.device_has = has
+        for address in has:
             self.reserve(address)
-        log.debug("SERVER: %s's addresses, the server's own: %s", self.tunnel.name,
-                  ", ".join(sorted(address_text(a) for a in self.device_has)))
 
     def reserve(self, address):
         """An address of the server's own is the server's, taken back from a client if need be."""
@@ -3134,7 +3170,7 @@ def journey_steps(events, hosts, args, seq):
         if len(came) > 1:
             stall = (came[-1][0] - came[0][0]) * 1000
             came.insert(-1, (came[-1][0], "note", "%s,%s" % came[-1][1:3], "%.1f ms later: "
-                             "Nagle held the packet until the length was acknowledged" % stall))
+                             "Nagle waited for the length's ACK" % stall))
         steps += came + [step]
     return steps
 

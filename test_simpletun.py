@@ -376,6 +376,12 @@ class Lab:
         address = address or self.TUNNEL_IP[side]
         return self.spawn(side, [sys.executable, "-c", UDP_ECHO, address], "echo-%s.log" % address)
 
+    def ping(self, side, count=1, to=None):
+        """ping through the tunnel, as a user would; True if every reply came."""
+        to = to or self.TUNNEL_IP["c" if side == "s" else "s"]
+        return subprocess.run(["ip", "netns", "exec", self.ns[side], "ping", "-c", str(count), "-i", "0.2",
+                               "-W", "1", to], capture_output=True).returncode == 0
+
     def probe(self, side, count=5, wait=1.0, to=None, source=None):
         """Send `count` UDP probes from one side to the echo on the other (or at `to`, from
         `source`); return how many came back."""
@@ -1504,6 +1510,42 @@ def test_a_client_that_sends_and_hears_nothing_back_says_so_once_per_silence(cap
             assert link.due() is None
     assert said()[0] == simpletun.UNANSWERED % simpletun.SILENCE
     assert "is this end's address another client's" in said()[0]
+
+
+TCP_SYN = ipv4(6, struct.pack("!HHIIBBHHH", 40000, 22, 1, 0, 5 << 4, 0x02, 65535, 0, 0))
+ECHO_REPLY = ipv4(1, struct.pack("!BBHHH", 0, 0, 0, 7, 1) + b"x" * 56, src="10.0.0.1", dst="10.0.0.2")
+
+
+@pytest.mark.parametrize("packet, tap, asks", [
+    (ECHO_REQUEST, False, True), (TCP_SYN, False, True),
+    (ipv6(58, struct.pack("!BBHHH", 128, 0, 0, 7, 1), dst="fd00::1"), False, True),
+    (ethernet(0x0800, ECHO_REQUEST, dst="6e:00:00:00:00:01"), True, True),
+    (ECHO_REPLY, False, False), (TCP_SYN_ACK, False, False), (TCP_DATA, False, False),
+    (UDP_PACKET, False, False), (ROUTER_SOLICITATION, False, False), (MLD_REPORT, False, False),
+    (ethernet(0x0800, ECHO_REQUEST), False, False), (b"", False, False),
+    (ethernet(0x0806, arp(1, "10.0.0.2", "10.0.0.1")), True, True),  # who-has: before the ping
+    (ethernet(0x0806, arp(1, "10.0.0.2", "10.0.0.2")), True, False),  # gratuitous: asks no one
+    (ethernet(0x0806, arp(2, "10.0.0.2", "10.0.0.1"), dst="6e:00:00:00:00:01"), True, False)])
+def test_only_a_ping_or_a_new_tcp_connection_waits_for_an_answer(packet, tap, asks):
+    assert simpletun.awaits_answer(packet, tap) is asks
+
+
+def test_what_nothing_answers_starts_no_silence(caplog, monkeypatch):
+    # IPv6's housekeeping and a client's own answers go unanswered in every healthy tunnel.
+    now = [1000.0]
+    monkeypatch.setattr(simpletun.time, "monotonic", lambda: now[0])
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        link = simpletun.ExtraLink(ours, "server", options("-c", "h"), heard=True)
+        for packet in (ROUTER_SOLICITATION, MLD_REPORT, ECHO_REPLY, TCP_DATA):
+            link.out += frame(packet)
+            link.send_queued()
+            now[0] += 2
+            assert link.due() is None
+        link.out += frame(TCP_SYN) + frame(ECHO_REPLY)
+        link.send_queued()
+        assert link.due() == now[0] + simpletun.SILENCE
 
 
 def test_a_server_link_never_tells_of_a_silence(monkeypatch):
@@ -3657,9 +3699,12 @@ def test_udp_without_key_a_client_that_hears_nothing_back_says_so_once_per_silen
         link = udp_client(server.getsockname()[1])
         with link.sock:
             assert link.due() is None  # no --key: no beats, no timer
+            link.out += frame(UDP_PACKET) + frame(ROUTER_SOLICITATION)
+            link.send_queued()
+            assert link.due() is None  # nothing waits for an answer to those
             for silence in (1, 2):
                 for _ in range(3):
-                    link.out += frame(UDP_PACKET)
+                    link.out += frame(ECHO_REQUEST)  # a ping, a second apart (here 0.05 s)
                     link.send_queued()
                     time.sleep(0.05)
                 assert link.due() > time.monotonic() - 0.15  # SILENCE s after the first send
@@ -4057,7 +4102,7 @@ def test_udp_ends_with_different_keys_are_named_on_both_ends_within_5_s(lab, tmp
     client = lab.tunnel("c", "-i", "tun0", "--udp", *keys.get(client_key, []))
     started = time.monotonic()
     lab.configure("c", "tun0")
-    lab.probe("c", count=1, wait=0.2)  # (a --key end beats by itself; one without sends packets only)
+    lab.ping("c")  # what a user waits for an answer to (a --key end's beats are answered too, by a key holder)
     wait_for(lambda: server_says in log_of(server), "the server to name it", timeout=5 - (time.monotonic() - started))
     wait_for(lambda: "CLIENT: nothing has come back from 192.0.2.1 for 3 s" in log_of(client),
              "the client to say so", timeout=5 - (time.monotonic() - started))
@@ -4077,7 +4122,8 @@ def test_udp_tun_against_tap_is_named_on_both_ends_within_5_s(lab, server_mode, 
     client = lab.tunnel("c", "-i", devices["c"], "--udp", *client_mode)
     started = time.monotonic()
     lab.configure("c", devices["c"])
-    lab.probe("c", count=1, wait=0.2)
+    lab.probe("c", count=1, wait=0.2)  # a packet for the server to name
+    lab.ping("c")  # (tap: the ARP request before it) what a user waits for an answer to
     wait_for(lambda: server_says in log_of(server), "the server to name it", timeout=5 - (time.monotonic() - started))
     wait_for(lambda: "CLIENT: nothing has come back from 192.0.2.1 for 3 s: does the server run with --udp, in this "
                      "mode (%s)" % ("-a" if client_mode else "-u") in log_of(client), "the client to say so",
@@ -4593,6 +4639,21 @@ def test_the_class_follows_the_servers_addresses_through_netlink(device, monkeyp
         assert switch.netlink.getsockname()[1] == (simpletun.RTMGRP_LINK | simpletun.RTMGRP_IPV4_IFADDR |
                                                    simpletun.RTMGRP_IPV6_IFADDR)
         assert room.get_map()[switch.netlink].data  # the loop reads it, and reads the addresses again
+        switch.close()
+
+
+def test_the_servers_addresses_are_said_when_they_change_not_at_each_netlink_message(device, monkeypatch,
+                                                                                      caplog):
+    caplog.set_level(logging.DEBUG)
+    server_addresses(monkeypatch, "10.0.0.1")
+    said = lambda: [m for m in caplog.messages if "the server's own" in m]  # noqa: E731
+    with room_with_pairs(device, 0, "--clients", "3", "-d") as (room, _):
+        switch = simpletun.Switch(room, room.tunnel, 3)
+        switch.addresses_changed()  # a link's state changed, say: the addresses did not
+        assert said() == ["SERVER: tun9's addresses, the server's own: 10.0.0.1"]
+        server_addresses(monkeypatch, "10.0.0.1", "fd00::1")
+        switch.addresses_changed()
+        assert said()[1:] == ["SERVER: tun9's addresses, the server's own: 10.0.0.1, fd00::1"]
         switch.close()
 
 
@@ -5711,10 +5772,11 @@ def test_demo_two_writes_draws_the_stall_between_the_length_and_the_packet(clean
     receives = re.findall(r"server\| NET2TAP: a receive brought (\d+) bytes", first)
     assert re.findall(r"Cclient->>Sserver: \+[\d.]+ a receive: (\d+) B from TCP", drawn) == receives  # as the timeline
     if receives == ["2", "61"]:  # (most runs: a busy receiver may take both at once)
-        stall = re.search(r"Note over Cclient,Sserver: ([\d.]+) ms later: Nagle held the packet until the length was "
-                          r"acknowledged", drawn)
+        stall = re.search(r"Note over Cclient,Sserver: (([\d.]+) ms later: Nagle waited for the length's ACK)$", drawn,
+                          re.M)
+        assert len(stall[1]) <= simpletun.LABEL_WIDTH  # (a note over two lifelines is no wider than they are)
         times = [float(t) for t in re.findall(r"Cclient->>Sserver: \+([\d.]+) a receive: \d+ B from TCP", drawn)]
-        assert stall and abs(float(stall[1]) - (times[1] - times[0])) < 0.11 and float(stall[1]) > 20
+        assert abs(float(stall[2]) - (times[1] - times[0])) < 0.11 and float(stall[2]) > 20
         assert drawn.index(stall[0]) < drawn.index("a receive: 61 B")  # drawn between the two
 
 
@@ -5774,6 +5836,25 @@ def test_journey_draws_each_arrow_in_time_order_when_two_hosts_log_at_once():
     assert times == sorted(times) and times[-1] == 1.3
     assert drawn[-1] == "    Note over ping,Dbob: round trip 1.30 ms, as ping measured it. On each arrow, the ms " \
                         "since the request left"
+
+
+def test_journey_draws_a_stall_between_two_receives_as_a_note_between_their_arrows():
+    # --two-writes: the length comes alone, and the packet 41.3 ms later (event() takes tenths of a ms).
+    args = options("-s", "--two-writes")
+    request = ("ICMP echo-request", 1)
+    told = [("ping", event(0, "echo request", event="request", seq=1, to="10.0.0.1")),
+            ("client", event(1, "", event="read", n=3, size=61, label=request[0], seq=1)),
+            ("client", event(2, "", event="sent", n=3, size=61, label=request[0], seq=1)),
+            ("server", event(3, "", event="received", bytes=2, wire=0, **{"from": "192.0.2.2"})),
+            ("server", event(416, "", event="received", bytes=61, wire=0, **{"from": "192.0.2.2"})),
+            ("server", event(417, "", event="arrived", n=3, size=61, label=request[0], seq=1)),
+            ("ping", event(420, "reply", event="reply", seq=1, to="10.0.0.1"))]
+    drawn = simpletun.journey(told, "10.0.0.1", ["client", "server"], args).splitlines()
+    steps = [line.strip() for line in drawn if "->>" in line or "Note over C" in line]
+    assert steps[2:6] == ["Sclient->>Cclient: +0.20 TAP2NET 3: 2 B, then 61 B: two writes",
+                          "Cclient->>Sserver: +0.30 a receive: 2 B from TCP",
+                          "Note over Cclient,Sserver: 41.3 ms later: Nagle waited for the length's ACK",
+                          "Cclient->>Sserver: +41.60 a receive: 61 B from TCP"]
 
 
 def test_journey_draws_which_ping_it_is_asked_for_and_none_without_its_reply():
