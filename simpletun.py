@@ -2206,7 +2206,6 @@ class Switch:
         link.owned = 0
         self.clients.append(link)
         self.room.register(link.sock, READ, functools.partial(self.client_ready, link))
-        say_connected(link, logging.INFO)
         log.warning("SERVER: %s joined the class (%d of %d slots)", link.address,
                     len(self.clients), self.slots, extra={"event": "joined", "fields": {
                         "clients": len(self.clients), "slots": self.slots}})

@@ -4657,6 +4657,15 @@ def test_the_servers_addresses_are_said_when_they_change_not_at_each_netlink_mes
         switch.close()
 
 
+def test_a_student_who_joins_is_said_once_with_d_too(device, caplog):
+    caplog.set_level(logging.DEBUG)
+    with room_with_pairs(device, 1, "--clients", "3", "-d") as (room, pairs):
+        switch = simpletun.Switch(room, room.tunnel, 3)
+        switch.seat(simpletun.ExtraLink(pairs[0][0], "192.0.2.7", room.args, heard=True))
+        assert [m for m in caplog.messages if "192.0.2.7" in m] == ["SERVER: 192.0.2.7 joined the class (1 of 3 slots)"]
+        switch.close()
+
+
 def test_a_class_client_that_takes_nothing_is_named_each_time_it_stalls_once(device, caplog):
     with room_with_pairs(device, 1, "--clients", "3") as (room, pairs):
         switch = simpletun.Switch(room, room.tunnel, 3)
