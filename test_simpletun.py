@@ -1485,29 +1485,36 @@ def test_only_a_packet_that_could_be_one_for_this_mode_makes_a_client_say_it_is_
             caplog.messages) is served
 
 
-def test_a_client_that_sends_and_hears_nothing_back_says_so_once_per_silence(caplog, monkeypatch):
+@pytest.fixture
+def heard_client(monkeypatch):
+    """A client's link that has heard from its server, on a socketpair (the server's end: theirs), with
+    a clock the test moves: now[0]."""
     now = [1000.0]
     monkeypatch.setattr(simpletun.time, "monotonic", lambda: now[0])
     ours, theirs = socket.socketpair()
+    ours.setblocking(False)
     with ours, theirs:
-        ours.setblocking(False)
-        link = simpletun.ExtraLink(ours, "server", options("-c", "h"), heard=True)
-        said = lambda: [m for m in caplog.messages if "nothing has come back" in m]  # noqa: E731
-        assert link.due() is None  # nothing sent: no silence
-        for silence in (1, 2):
-            sent = now[0]
-            for _ in range(3):  # packets, a second apart: the silence began with the first
-                link.out += frame(ECHO_REQUEST)
-                link.send_queued()
-                now[0] += 1
-            assert link.due() == sent + simpletun.SILENCE  # the clock wakes the loop then
-            link.tick()
-            link.tick()
-            assert len(said()) == silence and link.due() is None  # said once; nothing more is due
-            theirs.sendall(frame(ECHO_REQUEST))  # something comes back: the silence is over
-            assert received_by(link) == [ECHO_REQUEST] and link.due() is None
-            link.send_queued()  # (nothing queued: no silence begins)
-            assert link.due() is None
+        yield simpletun.ExtraLink(ours, "server", options("-c", "h"), heard=True), theirs, now
+
+
+def test_a_client_that_sends_and_hears_nothing_back_says_so_once_per_silence(caplog, heard_client):
+    link, theirs, now = heard_client
+    said = lambda: [m for m in caplog.messages if "nothing has come back" in m]  # noqa: E731
+    assert link.due() is None  # nothing sent: no silence
+    for silence in (1, 2):
+        sent = now[0]
+        for _ in range(3):  # packets, a second apart: the silence began with the first
+            link.out += frame(ECHO_REQUEST)
+            link.send_queued()
+            now[0] += 1
+        assert link.due() == sent + simpletun.SILENCE  # the clock wakes the loop then
+        link.tick()
+        link.tick()
+        assert len(said()) == silence and link.due() is None  # said once; nothing more is due
+        theirs.sendall(frame(ECHO_REQUEST))  # something comes back: the silence is over
+        assert received_by(link) == [ECHO_REQUEST] and link.due() is None
+        link.send_queued()  # (nothing queued: no silence begins)
+        assert link.due() is None
     assert said()[0] == simpletun.UNANSWERED % simpletun.SILENCE
     assert "is this end's address another client's" in said()[0]
 
@@ -1530,22 +1537,17 @@ def test_only_a_ping_or_a_new_tcp_connection_waits_for_an_answer(packet, tap, as
     assert simpletun.awaits_answer(packet, tap) is asks
 
 
-def test_what_nothing_answers_starts_no_silence(caplog, monkeypatch):
+def test_what_nothing_answers_starts_no_silence(heard_client):
     # IPv6's housekeeping and a client's own answers go unanswered in every healthy tunnel.
-    now = [1000.0]
-    monkeypatch.setattr(simpletun.time, "monotonic", lambda: now[0])
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        ours.setblocking(False)
-        link = simpletun.ExtraLink(ours, "server", options("-c", "h"), heard=True)
-        for packet in (ROUTER_SOLICITATION, MLD_REPORT, ECHO_REPLY, TCP_DATA):
-            link.out += frame(packet)
-            link.send_queued()
-            now[0] += 2
-            assert link.due() is None
-        link.out += frame(TCP_SYN) + frame(ECHO_REPLY)
+    link, _, now = heard_client
+    for packet in (ROUTER_SOLICITATION, MLD_REPORT, ECHO_REPLY, TCP_DATA):
+        link.out += frame(packet)
         link.send_queued()
-        assert link.due() == now[0] + simpletun.SILENCE
+        now[0] += 2
+        assert link.due() is None
+    link.out += frame(TCP_SYN) + frame(ECHO_REPLY)
+    link.send_queued()
+    assert link.due() == now[0] + simpletun.SILENCE
 
 
 def test_a_server_link_never_tells_of_a_silence(monkeypatch):
@@ -4125,9 +4127,11 @@ def test_udp_tun_against_tap_is_named_on_both_ends_within_5_s(lab, server_mode, 
     lab.probe("c", count=1, wait=0.2)  # a packet for the server to name
     lab.ping("c")  # (tap: the ARP request before it) what a user waits for an answer to
     wait_for(lambda: server_says in log_of(server), "the server to name it", timeout=5 - (time.monotonic() - started))
-    wait_for(lambda: "CLIENT: nothing has come back from 192.0.2.1 for 3 s: does the server run with --udp, in this "
-                     "mode (%s)" % ("-a" if client_mode else "-u") in log_of(client), "the client to say so",
-             timeout=5 - (time.monotonic() - started))
+    said = "CLIENT: nothing has come back from 192.0.2.1 for 3 s: does the server run with --udp, in this mode (%s)" % (
+        "-a" if client_mode else "-u")
+    wait_for(lambda: said in log_of(client), "the client to say so", timeout=5 - (time.monotonic() - started))
+    assert log_of(server).count(server_says) == 1 and log_of(client).count(said) == 1  # each said once
+    assert "serving 192.0.2.2" not in log_of(server)  # the mismatched client is never served
 
 
 LAB_RELAY = """
@@ -5448,27 +5452,46 @@ def test_demo_whose_reader_goes_away_still_cleans_up(clean_demo):
     assert clean_demo.left() == []
 
 
-def test_the_demos_ping_takes_only_the_reply_to_the_request_it_waits_for(monkeypatch):
-    class Icmp:  # the kernel's ping socket, with replies that come late, or are no replies
-        def __init__(self, *_):
-            self.waiting = []
+class PingSocket:
+    """The kernel's ping socket, as ping() uses it: answers(sequence) says what comes back to each
+    echo request (default: its reply, at once); told records when each was sent and each answer taken."""
 
-        def __enter__(self):
-            return self
+    def __init__(self, answers=None):
+        self.answers = answers or (lambda sequence: [simpletun.ICMP_ECHO.pack(0, 0, 0, 0, sequence)])
+        self.waiting, self.told = [], []
 
-        def __exit__(self, *_):
-            pass
+    def __call__(self, *_):  # (it stands in for socket.socket)
+        return self
 
-        def sendto(self, data, _):
-            sequence = simpletun.ICMP_ECHO.unpack_from(data)[4]
-            late = [simpletun.ICMP_ECHO.pack(0, 0, 0, 0, sequence - 1)]  # the reply to the one before
-            self.waiting += late if sequence == 2 else late + [simpletun.ICMP_ECHO.pack(8, 0, 0, 0, 3),
-                                                               simpletun.ICMP_ECHO.pack(0, 0, 0, 0, 3)]
+    def __enter__(self):
+        return self
 
-        def recv(self, _):
-            return self.waiting.pop(0)
-    monkeypatch.setattr(simpletun.socket, "socket", Icmp)
+    def __exit__(self, *_):
+        pass
+
+    def sendto(self, data, _):
+        self.told.append(("sent", time.monotonic()))
+        self.waiting += self.answers(simpletun.ICMP_ECHO.unpack_from(data)[4])
+
+    def recv(self, _):
+        self.told.append(("received", time.monotonic()))
+        return self.waiting.pop(0)
+
+
+def with_ping_socket(monkeypatch, answers=None):
+    sock = PingSocket(answers)
+    monkeypatch.setattr(simpletun.socket, "socket", sock)
     monkeypatch.setattr(simpletun.select, "select", lambda r, *_: (r if r[0].waiting else [], [], []))
+    return sock
+
+
+def test_the_demos_ping_takes_only_the_reply_to_the_request_it_waits_for(monkeypatch):
+    def answers(sequence):  # replies that come late, or are no replies
+        late = [simpletun.ICMP_ECHO.pack(0, 0, 0, 0, sequence - 1)]  # the reply to the one before
+        if sequence == 2:
+            return late
+        return late + [simpletun.ICMP_ECHO.pack(8, 0, 0, 0, 3), simpletun.ICMP_ECHO.pack(0, 0, 0, 0, 3)]
+    with_ping_socket(monkeypatch, answers)
     times = simpletun.ping("10.0.0.1", count=3, timeout=0.01, interval=0)
     assert times[:2] == [None, None] and times[2] is not None  # 1: no reply in time; 2: only 1's, late
 
@@ -5906,26 +5929,7 @@ def test_the_timeline_prints_every_processs_lines_in_the_order_they_happened(cap
 
 
 def test_the_demos_pinger_tells_each_request_as_it_sends_it_and_each_reply_as_it_comes(monkeypatch):
-    class Icmp:  # the kernel's ping socket, answering at once
-        def __init__(self, *_):
-            self.waiting = []
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *_):
-            pass
-
-        def sendto(self, data, _):
-            told.append(("sent", time.monotonic()))
-            self.waiting.append(simpletun.ICMP_ECHO.pack(0, 0, 0, 0, simpletun.ICMP_ECHO.unpack_from(data)[4]))
-
-        def recv(self, _):
-            told.append(("received", time.monotonic()))
-            return self.waiting.pop(0)
-    told = []
-    monkeypatch.setattr(simpletun.socket, "socket", Icmp)
-    monkeypatch.setattr(simpletun.select, "select", lambda r, *_: (r if r[0].waiting else [], [], []))
+    told = with_ping_socket(monkeypatch).told  # answering at once
     events = []
     times = simpletun.ping("10.0.0.1", count=2, interval=0, say=lambda **event: events.append(event))
     assert [(e["event"], e["seq"]) for e in events] == [("request", 1), ("reply", 1), ("request", 2), ("reply", 2)]
