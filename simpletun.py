@@ -2559,7 +2559,6 @@ PING_WAIT, PING_WAIT_TCP = 2, 6  # s per reply; under TCP a lossy cable's repair
 DEMO_WAIT = 10  # seconds for each end to come up, and to go
 DEMO_COUNT = {2: "two", 3: "three", 4: "four"}  # how many hosts the demo makes, in words
 DIAGRAM_PING = 1  # --diagram: the echo request it draws (its icmp_seq)
-LABEL_WIDTH = 50  # --diagram: a label's most characters, so that it sits on its arrow
 BENCH_PORT, BENCH_SECONDS, BENCH_PINGS = 5201, 3, 20
 ICMP_ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0

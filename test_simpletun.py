@@ -5620,6 +5620,9 @@ def test_the_demos_pinger_fails_unless_every_reply_came_or_the_lossy_cable_expla
 # 9. The whole tunnel on one machine: Demo, Timeline, ping(), journey(), the bench
 # ---------------------------------------------------------------------------------------
 
+LABEL_WIDTH = 50  # --diagram: a label's most characters, its time included, so that it sits on its arrow
+
+
 def journey_lanes_expected(hosts):
     """The lifelines in the packet's order: the pinger's host's device, simpletun.py and cable, the
     server's simpletun.py, then the server's device, or (a class) the other client's cable, simpletun.py
@@ -5646,7 +5649,7 @@ def assert_diagram(path, out, target, hosts, says):
     arrows = [re.fullmatch(r"    (\w+)->>(\w+): \+([\d.]+) ([^;#]+)", line) for line in steps]
     assert all(arrows), steps
     for arrow in arrows:
-        assert len(arrow[0].split(": ", 1)[1]) <= simpletun.LABEL_WIDTH, arrow[0]  # with its time
+        assert len(arrow[0].split(": ", 1)[1]) <= LABEL_WIDTH, arrow[0]  # with its time
         assert abs(names.index(arrow[1]) - names.index(arrow[2])) <= 1, arrow[0]  # crosses no lifeline
     times = [float(a[3]) for a in arrows]
     assert times == sorted(times) and arrows[0].group(1, 2) == ("ping", "D" + hosts[0]) and arrows[-1][2] == "ping"
@@ -5806,7 +5809,7 @@ def test_demo_two_writes_draws_the_stall_between_the_length_and_the_packet(clean
     if receives == ["2", "61"]:  # (most runs: a busy receiver may take both at once)
         stall = re.search(r"Note over Cclient,Sserver: (([\d.]+) ms later: Nagle waited for the length's ACK)$", drawn,
                           re.M)
-        assert len(stall[1]) <= simpletun.LABEL_WIDTH  # (a note over two lifelines is no wider than they are)
+        assert len(stall[1]) <= LABEL_WIDTH  # (a note over two lifelines is no wider than they are)
         times = [float(t) for t in re.findall(r"Cclient->>Sserver: \+([\d.]+) a receive: \d+ B from TCP", drawn)]
         assert abs(float(stall[2]) - (times[1] - times[0])) < 0.11 and float(stall[2]) > 20
         assert drawn.index(stall[0]) < drawn.index("a receive: 61 B")  # drawn between the two
@@ -5866,6 +5869,7 @@ def test_journey_draws_each_arrow_in_time_order_when_two_hosts_log_at_once():
         "Dalice->>ping: echo reply, icmp_seq=1"]  # the server's own device is no lifeline of a class's journey
     times = [float(re.search(r": \+([\d.]+) ", line)[1]) for line in arrows]
     assert times == sorted(times) and times[-1] == 1.3
+    assert all(len(line.split(": ", 1)[1]) <= LABEL_WIDTH for line in arrows)  # each sits on its arrow
     assert drawn[-1] == "    Note over ping,Dbob: round trip 1.30 ms, as ping measured it. On each arrow, the ms " \
                         "since the request left"
 
