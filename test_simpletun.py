@@ -1866,6 +1866,16 @@ def test_a_tls_client_whose_server_never_answers_the_handshake_says_so_in_time(c
                 pass
 
 
+def test_a_tls_client_after_its_handshake_never_blocks_the_loop(certs):
+    a, b = socket.socketpair()
+    server = simpletun.wrap_tls(a, simpletun.tls_context(True, certs["a"]), server_side=True)
+    thread = threading.Thread(target=server.do_handshake, daemon=True)
+    thread.start()
+    with server, simpletun.secure_client(b, simpletun.tls_context(False, certs["a"])) as client:
+        thread.join(TIMEOUT)
+        assert client.gettimeout() == 0.0  # non-blocking: "not now" comes back at once, as the loop expects
+
+
 def test_a_tls_connection_that_breaks_inside_tls_is_named_as_tls_not_as_a_missing_goodbye():
     class Link:
         heard = True
