@@ -2773,6 +2773,39 @@ def test_an_address_is_given_to_the_device_at_once_for_ipv6_only(monkeypatch, ca
                                "Configured tun9: MTU 1400, address fd00::1/64, up", "Configured tun9: MTU 1300"]
 
 
+@pytest.mark.parametrize("cidr, family, to", [
+    ("10.0.0.2/24", socket.AF_INET, ("10.0.0.255", 9)),  # its network's broadcast, the discard port
+    ("fd00::2/64", socket.AF_INET6, ("ff02::1", 9, 0, 7)),  # all nodes on the device's link
+])
+def test_a_client_announces_its_address_in_one_datagram_to_its_network(monkeypatch, cidr, family, to):
+    sent = []
+
+    class Socket:
+        def __init__(self, family, kind):
+            sent.append((family, kind))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            pass
+
+        def setsockopt(self, *option):
+            sent.append(option)
+
+        def bind(self, address):
+            sent.append(("bound", address))
+
+        def sendto(self, data, address):
+            sent.append((data, address))
+    monkeypatch.setattr(simpletun.socket, "socket", Socket)
+    monkeypatch.setattr(simpletun.socket, "if_nametoindex", lambda name: {"tun9": 7}[name])
+    simpletun.announce(ipaddress.ip_interface(cidr), "tun9")
+    address = cidr.split("/")[0]
+    assert sent == [(family, socket.SOCK_DGRAM), (socket.SOL_SOCKET, socket.SO_BROADCAST, 1),
+                    ("bound", (address, 0)), (b"simpletun.py: %s is here" % address.encode(), to)]
+
+
 def test_ip_failing_is_a_user_error_in_ips_own_words(monkeypatch, tmp_path):
     with pytest.raises(simpletun.UserError, match=r'^ip link show no-such-device-here: Device "no-such-device-here" '
                                                   r'does not exist.$'):
@@ -3179,7 +3212,7 @@ def test_tap_mtu_goes_up_to_the_kernels_tap_maximum_and_no_further(lab):
 # ---------------------------------------------------------------------------------------
 
 TCP_SUPER_PACKET = ipv4(6, struct.pack("!HHIIBBHHH", 40000, 5201, 1, 2, 5 << 4, 0x10, 65535, 0, 0) +
-                        b"d" * (45 * 1448 - 100))  # 45 segments' payload, the last one short
+                        b"d" * (45 * 1448))  # 45 segments' payload, exactly: a byte more or less counts
 UDP_SUPER_PACKET = ipv4(17, struct.pack("!HHHH", 40000, 7777, 8 + 3 * 1400, 0) + b"u" * (3 * 1400))
 
 
@@ -3188,9 +3221,10 @@ UDP_SUPER_PACKET = ipv4(17, struct.pack("!HHHH", 40000, 7777, 8 + 3 * 1400, 0) +
     (1 | 0x80, 1448, TCP_SUPER_PACKET, "; TCP segment offload: 45 segments of 1448"),  # with ECN: the same cut
     (4, 1448, TCP_SUPER_PACKET, "; TCP segment offload: 45 segments of 1448"),  # (TCPv6's kind)
     (5, 1400, UDP_SUPER_PACKET, "; UDP segment offload: 3 segments of 1400"),  # behind an 8-byte header
-    (1, 0, TCP_SUPER_PACKET, "TCP 40000 > 5201 [ACK] len=65060 (65100 bytes)"),  # no segment size: no cut
+    (3, 1400, UDP_SUPER_PACKET, "; UDP fragmentation offload: 3 segments of 1400"),
+    (1, 0, TCP_SUPER_PACKET, "TCP 40000 > 5201 [ACK] len=65160 (65200 bytes)"),  # no segment size: no cut
     (0, 0, UDP_PACKET, "UDP 40000 > 7777 len=5 (33 bytes)"),
-], ids=["tcp", "tcp-ecn", "tcpv6-kind", "udp", "no-size", "no-offload"])
+], ids=["tcp", "tcp-ecn", "tcpv6-kind", "udp", "ufo", "no-size", "no-offload"])
 def test_decoder_says_how_the_kernel_will_cut_a_super_packet(gso_type, size, packet, says):
     header = simpletun.VIRTIO_NET_HDR.pack(1, gso_type, 28 if gso_type == 5 else 40, size, 20, 16)
     text = simpletun.describe(header + packet, tap=False, offload=True)
