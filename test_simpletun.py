@@ -4009,9 +4009,11 @@ def test_udp_packet_this_host_will_not_send_is_one_line_counted_and_the_tunnel_g
         client.send(UDP_PACKET)
         until_received(tunnel, link)
         kernel.recv(65536)
+        said = lambda: [m for m in caplog.messages if "was not sent" in m]  # noqa: E731
         for _ in range(2):
             kernel.send(b"\x45" + bytes(65534))  # more than a UDP datagram can carry (65507 bytes)
             simpletun.tap2net(tunnel, link)
+            assert len(said()) == 1  # at the first, and only then
         kernel.send(ECHO_REQUEST)
         simpletun.tap2net(tunnel, link)
         assert client.recv(65536) == ECHO_REQUEST
