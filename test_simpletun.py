@@ -4384,7 +4384,8 @@ def test_an_ipv4_packet_refused_is_answered_icmp_administratively_prohibited_fro
     assert icmp_checksum_ok(header) and icmp_checksum_ok(icmp)
     assert struct.unpack("!BBHHHBB", header[:10]) == (0x45, 0, len(got), 0, 0, 64, 1)
     assert header[12:16] == socket.inet_aton("10.0.0.1") and header[16:20] == socket.inet_aton("10.0.0.2")
-    assert icmp[:2] == bytes([3, 13])  # destination unreachable: communication administratively prohibited
+    assert icmp[:2] == bytes([3, 13]) and icmp[4:8] == bytes(4)  # destination unreachable: communication
+    #                                                      administratively prohibited; its unused word is zero
     assert icmp[8:] == spoofed[:28]  # its header and 8 bytes of what it carries (RFC 792): ping finds its own
 
 
@@ -4443,6 +4444,8 @@ def test_a_refused_student_is_told_at_most_once_a_second_and_never_for_the_serve
     (ethernet(0x86DD, ipv6(44, fragment_header(58) + icmpv6(136, "fd00::2"))),
      "of neighbour discovery in fragments (RFC 6980 forbids it)"),
     (ethernet(0x86DD, ipv6(44, fragment_header(58) + icmpv6(135, "fd00::2"))),
+     "of neighbour discovery in fragments (RFC 6980 forbids it)"),
+    (ethernet(0x86DD, ipv6(44, fragment_header(58) + struct.pack("!BBHI", 133, 0, 0, 0))),  # a router's too
      "of neighbour discovery in fragments (RFC 6980 forbids it)"),
     (b"\x00" * 6 + socket.inet_aton("10.0.0.5") + b"\x00" * 3,  # what it would claim: a classmate's address
      "shorter than an Ethernet header (13 bytes)"),
@@ -4566,6 +4569,9 @@ def test_class_in_tap_mode_floods_broadcasts_and_learns_macs(class_rig):
     who_has = ethernet(0x0806, arp(1, "10.0.0.2", "10.0.0.3"), src=ALICE_MAC)  # a's broadcast
     a.sendall(frame(who_has))
     assert received(b) == who_has and r.kernel.recv(65536) == who_has  # every other client, and the server
+    mdns = ethernet(0x0800, b"m" * 30, dst="01:00:5e:00:00:fb", src=ALICE_MAC)  # IPv4 multicast: a group too
+    a.sendall(frame(mdns))
+    assert received(b) == mdns and r.kernel.recv(65536) == mdns
     unicast = ethernet(0x0800, b"x" * 30, dst=BOB_MAC, src=SERVER_MAC)
     r.kernel.send(unicast)
     assert received(b) == unicast and received(a, 0.2) is None
