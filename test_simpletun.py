@@ -496,6 +496,21 @@ def test_the_device_is_asked_for_with_no_packet_information_in_front():
     assert len(asked[0][1]) == 40  # struct ifreq on 64-bit Linux: the kernel never reads past it
 
 
+def test_a_device_that_cannot_be_attached_leaves_no_fd_open(monkeypatch):
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(simpletun.os, "open", lambda *args: opened.append(real_open(*args)) or opened[-1])
+
+    def busy(*_):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+    monkeypatch.setattr(simpletun.fcntl, "ioctl", busy)
+    with pytest.raises(simpletun.UserError, match="cannot attach to tun7: another program has it open"):
+        simpletun.tun_alloc("tun7", simpletun.IFF_TUN, clone_device="/dev/null")
+    with pytest.raises(OSError) as closed:
+        os.fstat(opened[0])
+    assert closed.value.errno == errno.EBADF
+
+
 def test_not_root_is_one_line_saying_so():
     if os.geteuid() == 0:  # drop to nobody for this one run
         status, stderr = run_main_as_nobody("-i", "tun0", "-s")
