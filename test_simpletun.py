@@ -1094,6 +1094,7 @@ def test_the_tunnels_client_exits_0_when_the_server_closes_and_1_when_it_ends_mi
 
 
 def test_the_tunnels_server_serves_one_client_after_another_and_each_end_is_said(caplog):
+    caplog.set_level("INFO", logger="simpletun")
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)
     kernel.settimeout(TIMEOUT)
@@ -1105,9 +1106,10 @@ def test_the_tunnels_server_serves_one_client_after_another_and_each_end_is_said
         with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
             client.sendall(frame(b"packet %d" % n) + goodbye)
             assert kernel.recv(100) == b"packet %d" % n
-    wait_for(lambda: len([m for m in messages_of(caplog, thread) if m.startswith("SERVER: ")]) == 2, "two ends")
+    wait_for(lambda: len([m for m in messages_of(caplog, thread) if m.startswith("SERVER: ")]) == 4, "two ends")
     assert [m for m in messages_of(caplog, thread) if m.startswith("SERVER: ")] == [
-        "SERVER: the peer closed the connection",
+        "SERVER: Client connected from 127.0.0.1", "SERVER: the peer closed the connection",
+        "SERVER: Client connected from 127.0.0.1",
         "SERVER: connection ended in the middle of a frame (3 bytes of it came)"]
 
 
@@ -6212,6 +6214,53 @@ def test_a_client_says_it_is_connected_and_when_the_first_packet_comes_back_once
             theirs.sendall(frame(ECHO_REQUEST))
             assert received_by(link) == [ECHO_REQUEST]
     assert [m for m in caplog.messages if m.startswith("CLIENT: ") and "Connected to" not in m] == says
+
+
+def test_a_tls_client_says_how_it_proved_itself_when_it_connects(caplog, certs):
+    caplog.set_level("WARNING", logger="simpletun")
+    ours, theirs = connected_pair()
+    server = simpletun.wrap_tls(theirs, simpletun.tls_context(True, certs["a"]), server_side=True)
+    thread = threading.Thread(target=server.do_handshake, daemon=True)
+    thread.start()
+    with server, ours:
+        link = simpletun.client_link(ours, "127.0.0.1", options("-c", "127.0.0.1", "--tls", certs["a"]),
+                                     simpletun.tls_context(False, certs["a"]))
+        thread.join(TIMEOUT)
+        link.sock.close()
+    assert caplog.messages == ["CLIENT: connected to 127.0.0.1 port 55555 (TLS, the pinned certificate); the "
+                               "tunnel is up once a packet comes back through it"]
+
+
+def test_a_udp_server_without_a_client_reads_its_device_but_never_says_it_wrote_to_the_network(
+        device, caplog, monkeypatch):
+    caplog.set_level("DEBUG", logger="simpletun")
+    ours, kernel = device
+    made, announced = [], []
+    monkeypatch.setattr(simpletun, "udp_link", lambda *args: made.append(real_udp_link(*args)) or made[0])
+    monkeypatch.setattr(simpletun, "announce", lambda *args: announced.append(args))  # a client's, not a server's
+    port = free_port()
+    args = options("-s", "--udp", "-d", "-p", str(port), "--bind", "127.0.0.1", "--addr", "10.0.0.1/24")
+    thread = threading.Thread(target=simpletun.udp_end, args=(Tunnel(ours.fileno(), "tun9", debug=1), args),
+                              daemon=True)
+    thread.start()
+    wait_for(lambda: "SERVER: listening on UDP port %d" % port in caplog.messages, "the server to listen")
+    kernel.send(ECHO_REQUEST)  # no client yet
+    wait_for(lambda: "TAP2NET 1: Read 84 bytes from the tap interface" in caplog.messages, "the read")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.connect(("127.0.0.1", port))
+        client.settimeout(TIMEOUT)
+        client.send(UDP_PACKET)
+        assert kernel.recv(65536) == UDP_PACKET
+        kernel.send(ECHO_REQUEST)
+        assert client.recv(65536) == ECHO_REQUEST
+        made[0].end("the test is over")
+        client.send(UDP_PACKET)  # (wakes the loop: it sees its link ended)
+        thread.join(TIMEOUT)
+    written = [m for m in caplog.messages if m.endswith("bytes to the network")]
+    assert written == ["TAP2NET 2: Written 84 bytes to the network"] and announced == []
+
+
+real_udp_link = simpletun.udp_link
 
 
 def test_a_client_asks_the_link_its_options_say(monkeypatch):
