@@ -1099,11 +1099,15 @@ class WaitingRoom(Clock):
 
 
 def say_connected(link, level):
-    """The original's line for a client that takes a place (with --tls, how it proved itself)."""
-    how = ""
+    """The original's line for a client that takes a place."""
+    log.log(level, "SERVER: Client connected from %s%s", link.address, proof_of(link))
+
+
+def proof_of(link):
+    """With --tls, how a client proved itself, for the line that says it came in."""
     if isinstance(link.sock, ssl.SSLSocket):
-        how = " (%s, pinned certificate)" % link.sock.version()
-    log.log(level, "SERVER: Client connected from %s%s", link.address, how)
+        return " (%s, pinned certificate)" % link.sock.version()
+    return ""
 
 
 def proof_size(head, tap, offload):
@@ -2206,7 +2210,7 @@ class Switch:
         link.owned = 0
         self.clients.append(link)
         self.room.register(link.sock, READ, functools.partial(self.client_ready, link))
-        log.warning("SERVER: %s joined the class (%d of %d slots)", link.address,
+        log.warning("SERVER: %s%s joined the class (%d of %d slots)", link.address, proof_of(link),
                     len(self.clients), self.slots, extra={"event": "joined", "fields": {
                         "clients": len(self.clients), "slots": self.slots}})
         return None
