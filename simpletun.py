@@ -460,6 +460,7 @@ KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
              (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT * 1000))
 GOODBYE_TIME = 2  # seconds we wait for the peer's half of an orderly close
 SILENCE = 3  # seconds a client may send with nothing back before it says so
+BUSY = 0.2  # seconds since something came back in which a client's sends are not looked at
 # "Not now, ask select() again": a full or empty socket, or (TLS) an incomplete record
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 EVICTED = ("the server reset the connection before it served this end: its waiting room was "
@@ -489,10 +490,14 @@ def keep_alive(sock):
     return tune(sock)
 
 
-def asks(frames, header, args):
-    """True if the first of the queued frames holds a packet that waits for an answer (see
-    awaits_answer()). The first is enough: a ping, or a new connection's first segment, is
-    read from the device alone."""
+def asks(link):
+    """True if the first of a client's queued frames holds a packet that waits for an answer
+    (see awaits_answer()). The first is enough: a ping, or a new connection's first segment, is
+    read from the device alone. A busy tunnel, where something came back within BUSY s, is not
+    looked at: its answers are coming, and reading each send would cost it speed."""
+    if time.monotonic() - link.heard_at < BUSY:
+        return False
+    frames, header, args = link.out, link.header, link.args
     size = min(header.unpack_from(frames)[0], HEADERS_READ)
     return awaits_answer(bytes(frames[header.size:header.size + size]), args.tap, args.offload)
 
@@ -516,6 +521,7 @@ class ExtraLink(Link):
         self.heard = heard  # a packet came from the peer: a server admits only such a peer
         self.stalled = None  # since when the peer has taken none of the frames queued for it
         self.asked = None  # client: since when it has sent with nothing back
+        self.heard_at = 0  # client: when something last came back
         self.away = None  # client, --reconnect: since when the server has been away
         self.told = set()  # what a client has said once
         if args.two_writes:  # Nagle's algorithm back on (tune() turned it off): see send_apart()
@@ -536,7 +542,7 @@ class ExtraLink(Link):
         else:
             count = super().receive(handle)
         if count:  # something came back: no silence to tell of
-            self.asked = None
+            self.asked, self.heard_at = None, time.monotonic()
             self.told.discard("silent")
         return count
 
@@ -577,8 +583,7 @@ class ExtraLink(Link):
         """Link.send_queued() (--two-writes: as the C original sends); note since when the peer
         has taken nothing; a client that sent with nothing back says so once."""
         waiting = len(self.out)
-        if waiting and self.args.client and self.asked is None and asks(self.out, self.header,
-                                                                         self.args):
+        if waiting and self.args.client and self.asked is None and asks(self):
             self.asked = time.monotonic()
         if self.args.two_writes:
             self.send_apart()
@@ -1822,7 +1827,7 @@ class Datagrams:
     def send_queued(self):
         """Send each queued packet as one datagram, a run of one size per call; what the socket
         cannot take now waits; a packet this host refuses to send is counted, and said once."""
-        if self.out and self.asked is None and (self.tags or asks(self.out, HEADER, self.args)):
+        if self.out and self.asked is None and (self.tags or asks(self)):
             self.asked = time.monotonic()  # (--key: the peer answers every datagram, in a second)
         start = 0
         with memoryview(self.out) as out:

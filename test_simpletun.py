@@ -1534,8 +1534,21 @@ def test_a_client_that_sends_and_hears_nothing_back_says_so_once_per_silence(cap
         assert received_by(link) == [ECHO_REQUEST] and link.due() is None
         link.send_queued()  # (nothing queued: no silence begins)
         assert link.due() is None
+        now[0] += 1  # the next ping, a second later
     assert said()[0] == simpletun.UNANSWERED % simpletun.SILENCE
     assert "is this end's address another client's" in said()[0]
+
+
+def test_a_busy_client_is_not_looked_at_until_nothing_has_come_back_for_a_moment(heard_client):
+    link, theirs, now = heard_client
+    theirs.sendall(frame(ECHO_REPLY))
+    assert received_by(link) == [ECHO_REPLY]  # something came back: the tunnel is busy
+    for ahead, armed in ((0, False), (simpletun.BUSY / 2, False), (simpletun.BUSY, True)):
+        now[0] += ahead
+        link.out += frame(ECHO_REQUEST)
+        link.send_queued()
+        assert (link.due() is not None) == armed
+    assert link.due() == now[0] + simpletun.SILENCE  # from the ping it looked at
 
 
 TCP_SYN = ipv4(6, struct.pack("!HHIIBBHHH", 40000, 22, 1, 0, 5 << 4, 0x02, 65535, 0, 0))
@@ -3805,6 +3818,7 @@ def test_udp_key_ends_beat_once_a_heartbeat_has_gone_unsent_and_not_before(devic
 
 def test_udp_without_key_a_client_that_hears_nothing_back_says_so_once_per_silence(caplog, monkeypatch):
     monkeypatch.setattr(simpletun, "SILENCE", 0.2)
+    monkeypatch.setattr(simpletun, "BUSY", 0.04)  # (a ping a second after an answer: here 0.05 s)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
         server.bind(("127.0.0.1", 0))
         link = udp_client(server.getsockname()[1])
@@ -3828,6 +3842,7 @@ def test_udp_without_key_a_client_that_hears_nothing_back_says_so_once_per_silen
                 got = []
                 link.receive(lambda packet: got.append(bytes(packet)))
                 assert got == [ECHO_REQUEST] and link.asked is None
+                time.sleep(0.05)
     assert caplog.messages.count("CLIENT: the first datagram came back from 127.0.0.1: the server serves this end") \
         == 1
 
