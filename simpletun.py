@@ -2179,6 +2179,7 @@ def udp_link(args, key=None):
 #      firewall's REJECT tells: an ICMP "administratively prohibited" (at most once a second).
 
 MAX_OWNED = 16  # addresses one client may own: a tunnel address or two, IPv6's, a bridge's MACs
+IP_SOURCE = {4: (12, 4), 6: (8, 16)}  # by IP version: where a packet's source begins, its size
 NEIGHBOR_SOLICITATION, NEIGHBOR_ADVERTISEMENT = 135, 136  # ICMPv6: IPv6's ARP request and reply
 NEIGHBOR_DISCOVERY = range(133, 138)  # ICMPv6 router/neighbour solicitations, advertisements
 REJECT_EVERY = 1  # seconds: a client is told its packet was refused at most this often
@@ -2293,31 +2294,33 @@ class Switch:
     def from_device(self, packet):
         """A packet from the server's device: what it sends from is the server's (unless it is a
         client's address the server's kernel routes back out), and it goes where it is for."""
-        for address in self.claims(packet):
+        source, destination = packet_ends(packet, self.tap)
+        for address in self.claims(packet, source):
             if self.owners.get(address) is not SERVER:
                 if self.owners.get(address) is None or address in self.device_has:
                     self.reserve(address)
-        self.forward(packet, SERVER)
+        self.forward(packet, SERVER, destination)
 
     def from_client(self, link, packet):
-        """A client's packet: checked, then forwarded (the server's device is one destination)."""
-        if self.check(link, packet):
-            self.forward(packet, link)
+        """A client's packet: checked, then forwarded (the server's device is one destination).
+        Its ends are read once, here: each step is paid for every packet of the class."""
+        source, destination = packet_ends(packet, self.tap)
+        if self.check(link, packet, source):
+            self.forward(packet, link, destination)
 
-    def claims(self, packet):
+    def claims(self, packet, source):
         """The addresses a packet claims as its sender's (tun: its source; tap: see
         claimed_addresses()); a string says why its claims cannot be checked."""
         if self.tap:
             return claimed_addresses(packet)
-        source = packet_ends(packet, False)[0]
         if source is None:
             return []
         return [source]
 
-    def check(self, link, packet):
+    def check(self, link, packet, source):
         """True if every address the packet claims is its sender's (learning those no one has);
         else it is dropped, counted, said once, and the sender is told (reject())."""
-        claims = self.claims(packet)
+        claims = self.claims(packet, source)
         if isinstance(claims, str):
             return self.drop(link, claims, claims)
         for address in claims:
@@ -2340,11 +2343,10 @@ class Switch:
         self.owners[address] = link
         return link
 
-    def forward(self, packet, sender):
+    def forward(self, packet, sender, destination):
         """A packet goes where its destination says: to the client that owns it; a broadcast or a
         multicast (tap) to everyone (flood()); the rest from a client to the server's device, and
         from the device (tap) to every client: a MAC no one has sent from yet."""
-        destination = packet_ends(packet, self.tap)[1]
         owner = self.owners.get(destination)
         if self.tap and destination and destination[0] & 1:
             self.flood(packet, sender)
@@ -2443,7 +2445,7 @@ def packet_ends(packet, tap):
     """A packet's (source, destination): MACs (tap), IPv4 or IPv6 (tun); else (None, None)."""
     if tap:
         return bytes(packet[6:12]), bytes(packet[:6])
-    start, size = {4: (12, 4), 6: (8, 16)}.get(packet[0] >> 4, (0, 0))  # the source: where, size
+    start, size = IP_SOURCE.get(packet[0] >> 4, (0, 0))
     if not size or len(packet) < start + 2 * size:
         return None, None
     return bytes(packet[start:start + size]), bytes(packet[start + size:start + 2 * size])

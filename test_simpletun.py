@@ -4814,7 +4814,7 @@ def test_a_class_client_that_takes_nothing_is_named_each_time_it_stalls_once(dev
         for stall in (1, 2):  # it stops reading, reads again, stops again
             link.out += bytes(simpletun.OUT_LIMIT)
             for _ in range(3):
-                switch.forward(packet, simpletun.SERVER)
+                switch.forward(packet, simpletun.SERVER, socket.inet_aton("10.0.0.3"))
             assert len(said()) == stall and switch.lost == 3 * stall  # each stall named once, each loss counted
             del link.out[:]  # it took everything
             switch.keep_watch(link)
