@@ -846,7 +846,9 @@ class Newcomer:
 
 def plain_address(address):
     """An IP address as a person writes it (an IPv4 client of an IPv6 socket loses '::ffff:')."""
-    return address[7:] if address.startswith("::ffff:") else address
+    if address.startswith("::ffff:"):
+        return address[len("::ffff:"):]
+    return address
 
 
 class WaitingRoom(Clock):
@@ -941,7 +943,9 @@ class WaitingRoom(Clock):
         except OSError:  # it left before we got to it (or we are out of fds): nothing to do
             return
         address = plain_address(address[0])
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT if self.tls or self.args.offload else None
+        deadline = None
+        if self.tls or self.args.offload:
+            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         try:
             keep_alive(sock)
             if self.tls:
@@ -959,12 +963,17 @@ class WaitingRoom(Clock):
             self.send_away(oldest, "evicted", why, "reset")
         newcomer = self.newcomers[sock] = Newcomer(sock, address, deadline)
         self.register(sock, READ, lambda events: self.advance(newcomer))
-        proof = "a first packet"
-        if self.tls or self.args.offload:
-            proof = "TLS handshake" if self.tls else "--offload greeting"
         log.debug("SERVER: connection from %s: waiting for it to prove itself (%s; %d waiting)",
-                  address, proof, len(self.newcomers))
+                  address, self.proof_asked(), len(self.newcomers))
         self.advance(newcomer)  # a TLS server speaks second, but try: it may all be there already
+
+    def proof_asked(self):
+        """What a newcomer must send to prove itself, in words."""
+        if self.tls:
+            return "TLS handshake"
+        if self.args.offload:
+            return "--offload greeting"
+        return "a first packet"
 
     def advance(self, newcomer):
         """A newcomer sent something: take its proof a step further; admit it once it is proven."""
@@ -984,7 +993,8 @@ class WaitingRoom(Clock):
             self.admit(newcomer)
         elif verdict is not WAIT:
             kind, why = verdict
-            self.send_away(newcomer, kind, why, "orderly" if kind == "not a tunnel end" else "cut")
+            how = "orderly" if kind == "not a tunnel end" else "cut"
+            self.send_away(newcomer, kind, why, how)
 
     def prove(self, newcomer):
         """The next step of a newcomer's proof (TLS: the handshake and its pinned certificate;
@@ -1082,11 +1092,11 @@ class WaitingRoom(Clock):
     def drain(self, sock):
         """Read and drop what a closing connection still sends, until its end."""
         try:
-            if sock not in self.closing or sock.recv(65536):  # closed earlier; not its end yet
+            if sock.recv(65536):  # not its end yet
                 return
         except WOULD_BLOCK:
             return
-        except (OSError, ValueError):  # a reset, or closed under us: its end all the same
+        except (OSError, ValueError):  # a reset, or closed earlier in this wake-up: its end
             pass
         self.forget(sock)
 
@@ -2502,7 +2512,9 @@ def prohibited(packet, tap, server_addresses):
     source = packet_ends(ip, False)[0] or b""
     ours = [a for a in server_addresses if len(a) == len(source) and a[:2] != b"\xfe\x80"]
     macs = [a for a in server_addresses if len(a) == 6]
-    if not ours or tap and not macs:
+    if not ours:  # no address of the packet's family to answer from
+        return None
+    if tap and not macs:
         return None
     if len(source) == 4:
         icmp = bytearray(struct.pack("!BBHI", 3, 13, 0, 0) + bytes(ip[:(ip[0] & 0x0F) * 4 + 8]))
@@ -3176,10 +3188,11 @@ def journey_steps(events, hosts, args, seq):
             continue  # a packet of no step of this journey
         if who == "server" and len(hosts) > 2 and kind != "forwarded":
             continue
-        if len(came) > 1:
-            stall = (came[-1][0] - came[0][0]) * 1000
-            came.insert(-1, (came[-1][0], "note", "%s,%s" % came[-1][1:3], "%.1f ms later: "
-                             "Nagle waited for the length's ACK" % stall))
+        if len(came) > 1:  # the length came alone: the packet waited for its ACK (Nagle)
+            when, cable, end, _ = came[-1]
+            stall = (when - came[0][0]) * 1000
+            note = "%.1f ms later: Nagle waited for the length's ACK" % stall
+            came.insert(-1, (when, "note", "%s,%s" % (cable, end), note))
         steps += came + [step]
     return steps
 

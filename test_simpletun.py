@@ -2067,6 +2067,14 @@ class Timer:
         self.when = None
 
 
+@pytest.mark.parametrize("tls, offload, asked", [(True, False, "TLS handshake"), (True, True, "TLS handshake"),
+                                                 (False, True, "--offload greeting"),
+                                                 (False, False, "a first packet")])
+def test_the_waiting_room_names_the_proof_it_waits_for_in_each_mode(tls, offload, asked):
+    room = types.SimpleNamespace(tls=tls, args=types.SimpleNamespace(offload=offload))
+    assert simpletun.WaitingRoom.proof_asked(room) == asked
+
+
 def test_a_clock_waits_no_longer_than_its_timer_and_hands_it_over_as_an_event_the_loop_calls():
     timer = Timer(time.monotonic() + 0.2)
     with simpletun.Clock(timer) as clock:
